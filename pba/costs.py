@@ -1,0 +1,97 @@
+"""Parameter counts and multiply-adds of one attention layer, as formulas.
+
+Conventions (the book's cost chapter derives them): self-attention over one sequence, or
+cross-attention from ``query_length`` queries to ``key_length`` keys; a multiply-add (MAC) is one
+``a*b + c``; softmax, scaling, biases and dropout are not counted (they are ``O(l^2 h)`` or
+``O(l d)``, lower order). With ``d = d_model``, ``l = length``:
+
+=========  =========================  ==================================
+variant    weights (no biases)        MACs (self-attention)
+=========  =========================  ==================================
+standard   ``4 d^2``                  ``4 l d^2 + 2 l^2 d``
+optimised  ``3 d^2``                  ``3 l d^2 + 2 l^2 d``
+efficient  ``2 d^2``                  ``2 l d^2 + 2 l^2 d``
+super      ``2 d^2 + l^2``            ``2 l d^2 + 3 l^2 d``
+=========  =========================  ==================================
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .attention import VARIANTS
+
+__all__ = ["learned_projections", "parameter_count", "macs", "count_parameters"]
+
+_PROJECTIONS = {"standard": 4, "optimised": 3, "efficient": 2, "super": 2}
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+
+
+def _check_size(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def learned_projections(variant: str) -> int:
+    """How many ``d x d`` maps the variant learns: 4, 3, 2, 2 (``W^A`` is counted apart)."""
+    _check_variant(variant)
+    return _PROJECTIONS[variant]
+
+
+def parameter_count(
+    variant: str,
+    d_model: int,
+    *,
+    n_heads: int = 1,
+    context_length: int | None = None,
+    bias: bool = True,
+    wa_bias: bool = False,
+    wa_sharing: str = "layer",
+) -> int:
+    """Parameters of one layer: ``p (d^2 + d [bias])`` plus, for super, ``W^A``.
+
+    ``W^A`` adds ``l^2`` (``+ l`` with ``wa_bias``), times ``n_heads`` when ``wa_sharing="head"``.
+    """
+    _check_variant(variant)
+    _check_size("d_model", d_model)
+    _check_size("n_heads", n_heads)
+    p = _PROJECTIONS[variant]
+    count = p * (d_model * d_model + (d_model if bias else 0))
+    if variant == "super":
+        if context_length is None:
+            raise ValueError("super attention needs context_length to count W^A")
+        _check_size("context_length", context_length)
+        if wa_sharing not in ("layer", "head"):
+            raise ValueError(f"wa_sharing must be one of ('layer', 'head'), got {wa_sharing!r}")
+        copies = n_heads if wa_sharing == "head" else 1
+        count += copies * (context_length**2 + (context_length if wa_bias else 0))
+    return count
+
+
+def macs(variant: str, d_model: int, length: int, *, key_length: int | None = None) -> int:
+    """Multiply-adds of one layer for one sequence (``key_length`` defaults to ``length``).
+
+    Projections cost ``L d^2`` each (``W^Q`` and ``W^O`` on the queries, ``W^K`` and ``W^V`` on the
+    keys); scores and the weighted sum cost ``L_q L_k d`` each, summed over heads; super's
+    ``W^A X`` costs ``L_k^2 d`` whether ``W^A`` is shared or per head.
+    """
+    _check_variant(variant)
+    _check_size("d_model", d_model)
+    _check_size("length", length)
+    len_q, len_k = length, length if key_length is None else key_length
+    _check_size("key_length", len_k)
+    d = d_model
+    projections = 2 * len_q * d * d  # W^Q and W^O
+    projections += {"standard": 2, "optimised": 1}.get(variant, 0) * len_k * d * d
+    attention = 2 * len_q * len_k * d  # S = QK^T and S V
+    mixing = len_k * len_k * d if variant == "super" else 0
+    return projections + attention + mixing
+
+
+def count_parameters(module: nn.Module, *, trainable_only: bool = True) -> int:
+    """The number of (trainable) parameters a module actually holds."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

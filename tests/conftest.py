@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests run on CPU in float32 unless they say otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def imdb_dir() -> Path:
+    """The local IMDB Parquet directory named by ``PBA_IMDB_DIR``; skip when it is not set."""
+    value = os.environ.get("PBA_IMDB_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.skip("real IMDB data not available: set PBA_IMDB_DIR to a directory of Parquet files")
+    return Path(value)
