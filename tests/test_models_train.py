@@ -1,0 +1,177 @@
+"""The classifier, the training loop, determinism, and the experiment grid (resume, CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import pba
+from pba.costs import count_parameters
+from pba.data import prepare_imdb
+from pba.experiments import ImdbSettings, run_grid
+from pba.experiments.cli import main
+from pba.models import IMDBClassifier
+from pba.train import TrainConfig, evaluate, fit, pick_device, seed_everything
+
+from .synthetic import write_imdb_like
+
+
+def test_classifier_parameters_match_the_paper_setting() -> None:
+    counts = {v: count_parameters(IMDBClassifier(v)) for v in pba.VARIANTS}
+    # embedding 640,000 + positions 1,024 + LN 128 + FFN 2,112 + head 205, plus attention
+    assert counts == {"standard": 647_693, "optimised": 646_637, "efficient": 645_581, "super": 646_605}
+
+
+def test_classifier_masks_and_pooling() -> None:
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0]])
+    model = IMDBClassifier("super", vocab_size=10, context_length=8).eval()
+    padded_differently = ids.clone()
+    out = model(ids)
+    assert out.shape == (1,)
+    # With the padding mask and masked pooling, what padded positions hold cannot matter: a
+    # longer run of padding (same real tokens) gives the same logit as a shorter input.
+    assert torch.allclose(model(padded_differently[:, :3]), out, atol=1e-6)
+    quirky = IMDBClassifier("super", vocab_size=10, context_length=8, padding_mask=False, masked_pooling=False)
+    quirky.load_state_dict(model.state_dict())
+    assert not torch.allclose(quirky.eval()(ids[:, :3]), quirky(ids), atol=1e-4)
+
+
+def test_classifier_bad_input() -> None:
+    model = IMDBClassifier("standard", vocab_size=10, context_length=4)
+    with pytest.raises(ValueError, match=r"at most context_length=4 tokens, got 5"):
+        model(torch.ones(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"ids must be an integer tensor"):
+        model(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        IMDBClassifier("sparse")
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match="device must be 'auto' or a torch device name, got 'gpu0'"):
+        pick_device("gpu0")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tiny")
+    data_dir = write_imdb_like(root / "imdb", n_train=400, n_test=200)
+    splits = prepare_imdb("paper", data_dir=data_dir, cache_dir=root / "cache", vocab_size=40, length=16)
+    return data_dir, splits
+
+
+def train_tiny(splits, variant: str, seed: int, epochs: int = 6):
+    seed_everything(seed)
+    model = IMDBClassifier(variant, vocab_size=len(splits.vocab), context_length=16, d_model=16, n_heads=2, d_ff=16)
+    config = TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, num_threads=1, progress=False)
+    return model, fit(model, splits.train, splits.val, splits.test, config, seed=seed)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_learns_a_synthetic_task(tiny, variant: str) -> None:
+    _, splits = tiny
+    _, result = train_tiny(splits, variant, seed=0)
+    assert result.test_acc > 0.9, result.history
+    assert len(result.history) == 6 and 1 <= result.best_epoch <= 6
+    assert result.val_acc == max(h["val_acc"] for h in result.history)
+
+
+def test_same_seed_same_metrics_and_other_seed_differs(tiny) -> None:
+    _, splits = tiny
+    _, a = train_tiny(splits, "super", seed=3, epochs=2)
+    _, b = train_tiny(splits, "super", seed=3, epochs=2)
+    _, c = train_tiny(splits, "super", seed=4, epochs=2)
+    assert a.history == b.history and a.test_acc == b.test_acc
+    assert a.history != c.history
+
+
+def test_threshold_changes_accuracy_only(tiny) -> None:
+    _, splits = tiny
+    model, _ = train_tiny(splits, "standard", seed=0, epochs=1)
+    ids, y = splits.test
+    loss0, acc0 = evaluate(model, ids, y, threshold=0.0)
+    loss5, acc5 = evaluate(model, ids, y, threshold=0.5)
+    with torch.no_grad():
+        logits = model.eval()(ids)
+    assert loss0 == loss5
+    assert acc0 == pytest.approx(((logits > 0) == (y > 0.5)).float().mean().item())
+    assert acc5 == pytest.approx(((logits > 0.5) == (y > 0.5)).float().mean().item())
+
+
+def test_bad_train_config() -> None:
+    with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
+        TrainConfig(epochs=0)
+
+
+# ------------------------------------------------------------------------------- grid and CLI
+SMALL = ImdbSettings(protocol="paper", epochs=2, batch_size=32)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_grid_resumes_after_interruption(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, _ = tiny
+    monkeypatch.setenv("PBA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "grid.json"
+
+    def kill_after_first(run: dict) -> None:
+        raise Interrupted  # as if the process died right after saving its first run
+
+    with pytest.raises(Interrupted):
+        run_grid(out, variants=["standard", "super"], seeds=[0, 1], settings=SMALL, data_dir=str(data_dir), on_run=kill_after_first)
+    saved = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"]) for r in saved["runs"]] == [("standard", 0)]
+    assert not list(tmp_path.glob("*.tmp"))
+
+    ran: list[tuple[str, int]] = []
+    final = run_grid(
+        out, variants=["standard", "super"], seeds=[0, 1], settings=SMALL, data_dir=str(data_dir),
+        on_run=lambda r: ran.append((r["variant"], r["seed"])),
+    )
+    assert ran == [("standard", 1), ("super", 0), ("super", 1)]  # the first run is not redone
+    assert [(r["variant"], r["seed"]) for r in final["runs"]] == [("standard", 0), ("standard", 1), ("super", 0), ("super", 1)]
+    assert final["runs"][0] == saved["runs"][0]
+
+
+def test_grid_refuses_other_settings(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, _ = tiny
+    monkeypatch.setenv("PBA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "grid.json"
+    run_grid(out, variants=["efficient"], seeds=[0], settings=SMALL, data_dir=str(data_dir))
+    with pytest.raises(ValueError, match=r"holds runs made with other settings.*'epochs': \(2, 3\)"):
+        run_grid(out, variants=["efficient"], seeds=[0], settings=ImdbSettings(protocol="paper", epochs=3, batch_size=32), data_dir=str(data_dir))
+    out.write_text("{ half written")
+    with pytest.raises(ValueError, match="is not a results file"):
+        run_grid(out, variants=["efficient"], seeds=[0], settings=SMALL, data_dir=str(data_dir))
+
+
+def test_parallel_workers_give_the_same_numbers(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, _ = tiny
+    monkeypatch.setenv("PBA_CACHE_DIR", str(tmp_path / "cache"))
+    serial = run_grid(tmp_path / "a.json", variants=["optimised"], seeds=[0, 1], settings=SMALL, data_dir=str(data_dir))
+    parallel = run_grid(tmp_path / "b.json", variants=["optimised"], seeds=[0, 1], settings=SMALL, data_dir=str(data_dir), workers=2)
+    strip = lambda runs: [{k: v for k, v in r.items() if "seconds" not in k} for r in runs]
+    assert strip(serial["runs"]) == strip(parallel["runs"])
+
+
+def test_cli_tiny_config(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    data_dir, _ = tiny
+    monkeypatch.setenv("PBA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "res" / "tiny.json"
+    argv = ["imdb", "--protocol", "paper", "--variants", "standard", "efficient", "--seeds", "2", "--epochs", "1",
+            "--quirks", "reference", "--wa-bias", "false", "--data-dir", str(data_dir), "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "efficient" in printed and "p vs standard" in printed
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["softmax_over"] == "queries" and payload["settings"]["wa_bias"] is False
+    assert payload["command"].startswith("python -m pba.experiments imdb --protocol paper")
+    assert {r["variant"] for r in payload["summary"]} == {"standard", "efficient"}
+    assert payload["environment"]["torch"] == torch.__version__
+    assert (out.parent / "tiny.png").stat().st_size > 0 and (out.parent / "tiny.svg").exists()
