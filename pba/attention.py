@@ -380,7 +380,8 @@ class SuperAttention(EfficientAttention):
             per head, an option of the reference reimplementation).
         wa_bias: add a bias to ``W^A`` (one per token row). Default ``False`` (the paper's
             equations have none; the reference's PyTorch code had one).
-        Other arguments as :class:`StandardAttention`.
+
+    The other arguments are those of :class:`StandardAttention`.
     """
 
     def __init__(

@@ -218,7 +218,7 @@ class TokenizerConfig:
 
     @property
     def specials(self) -> tuple[str, ...]:
-        """Special tokens in id order: ``<PAD>`` = 0, then ``<UNK>`` unless unknown words pad."""
+        """The special tokens in id order (``<PAD>`` = 0, then ``<UNK>`` unless unknown words pad)."""
         return (PAD,) + (() if self.unknown_as_padding else (UNK,)) + (SOS,)
 
 

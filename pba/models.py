@@ -59,7 +59,7 @@ class IMDBClassifier(nn.Module):
             reference reimplementation used none (``False``), so its padded tokens were attended to.
         masked_pooling: average only over real tokens (default). ``False`` averages over all ``l``
             positions, padding included, as the reference did.
-        attention_options: passed to :func:`pba.make_attention` (``softmax_over``, ``wa_bias``,
+        attention_options: passed to :func:`pba.attention.make_attention` (``softmax_over``, ``wa_bias``,
             ``wa_sharing``, ``bias``, ``fused``...).
     """
 

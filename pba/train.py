@@ -131,7 +131,7 @@ def fit(
     """Train ``model`` on ``train``, keep the best-validation epoch, evaluate it on ``test``.
 
     ``seed`` drives the batch order and dropout (the model's initialisation is the caller's: seed
-    before building it, as :func:`pba.experiments.run_one` does). Ties in validation accuracy keep
+    before building it, as :func:`pba.experiments.imdb.run_one` does). Ties in validation accuracy keep
     the later epoch, as the reference did.
     """
     config = config or TrainConfig()
