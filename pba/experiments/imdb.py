@@ -135,6 +135,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
         json.dump(payload, tmp, indent=1, sort_keys=False)
         tmp.write("\n")
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600
     os.replace(tmp.name, path)
 
 
