@@ -10,7 +10,7 @@ formulas), :mod:`pba.data` (IMDB), :mod:`pba.models` (the classifier), :mod:`pba
 :mod:`pba.experiments` (command line) and, with Keras 3 installed, :mod:`pba.keras`.
 """
 
-from . import costs
+from . import costs, data, models, train
 from .attention import (
     VARIANTS,
     EfficientAttention,
@@ -30,4 +30,7 @@ __all__ = [
     "SuperAttention",
     "make_attention",
     "costs",
+    "data",
+    "models",
+    "train",
 ]

@@ -5,6 +5,6 @@
 """
 
 from .imdb import QUIRKS, ImdbSettings, run_grid, run_one
-from .summary import summarise
+from .summary import load_results, summarise
 
-__all__ = ["QUIRKS", "ImdbSettings", "run_grid", "run_one", "summarise"]
+__all__ = ["QUIRKS", "ImdbSettings", "run_grid", "run_one", "summarise", "load_results"]

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["REFERENCE", "summarise", "format_table", "plot_results"]
+__all__ = ["REFERENCE", "summarise", "format_table", "plot_results", "load_results"]
 
 #: The reference reimplementation's published means (sd) of 5 runs, PyTorch, seed protocol, and
 #: its own script rerun on our copy of the data (means only).
@@ -104,3 +104,41 @@ def plot_results(payload: dict, directory: str | Path, stem: str) -> list[Path]:
         written.append(path)
     plt.close(fig)
     return written
+
+
+#: Where ``results/`` lives on GitHub, for notebooks opened outside a checkout (Colab).
+RESULTS_URL = "https://raw.githubusercontent.com/pay-better-attention/pba/main/results/"
+
+
+def find_results_dir() -> Path | None:
+    """The ``results/`` folder of the checkout around the working directory, if there is one."""
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        if (folder / "results").is_dir() and (folder / "pba").is_dir():
+            return folder / "results"
+    return None
+
+
+def load_results(name: str, *, missing_ok: bool = False) -> dict | None:
+    """Read ``results/<name>`` from this checkout or, outside one (Colab), from GitHub.
+
+    With ``missing_ok`` a file that does not exist gives ``None`` instead of an error.
+    """
+    import json
+    from urllib.error import HTTPError
+    from urllib.request import urlopen
+
+    folder = find_results_dir()
+    if folder is not None:
+        path = folder / name
+        if not path.is_file():
+            if missing_ok:
+                return None
+            raise FileNotFoundError(f"{path} does not exist; the command that makes it is in scripts/")
+        return json.loads(path.read_text())
+    try:
+        with urlopen(RESULTS_URL + name, timeout=30) as response:  # noqa: S310 (a fixed https URL)
+            return json.loads(response.read().decode())
+    except HTTPError as error:
+        if missing_ok and error.code == 404:
+            return None
+        raise

@@ -1,0 +1,163 @@
+"""Time each attention variant against pba's standard layer and torch.nn.MultiheadAttention.
+
+    python benchmarks/attention_speed.py                        # the full grid, CPU float32
+    python benchmarks/attention_speed.py --device cuda --dtypes float32 bfloat16
+    python benchmarks/attention_speed.py --quick                # a small grid, for the book
+
+One process, every shape: warm-up, then ``--repeats`` rounds in which every variant runs once,
+interleaved, and the medians are compared. Printed per shape: each variant's forward+backward time
+relative to pba's standard layer, next to the ratio of multiply-adds that ``pba.costs`` predicts,
+and the peak memory of one forward+backward. Results go to JSON (with device, versions, threads,
+date and command) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import pba
+from pba.benchmark import CONTENDERS, bench_shape
+
+ROOT = Path(__file__).resolve().parent.parent
+FULL_GRID = [(length, d) for length in (32, 128, 512, 2048) for d in (64, 256, 512)]
+QUICK_GRID = [(32, 64), (128, 256), (128, 512)]
+
+
+def print_row(row: dict) -> None:
+    head = f"l={row['length']:>4} d={row['d_model']:>3} B={row['batch']:>4} {row['dtype']:<8}"
+    parts = []
+    for name in CONTENDERS:
+        memory = row["peak_memory_mib"][name]
+        mem = "" if memory is None else f" {memory:6.1f}MiB"
+        parts.append(f"{name}: {row['ratio_to_standard'][name]:.2f} (MACs {row['mac_ratio'][name]:.2f}){mem}")
+    print(head, " | ".join(parts), flush=True)
+
+
+def summarise(rows: list[dict]) -> dict:
+    float32 = [r for r in rows if r["dtype"] == "float32"]
+    summary: dict[str, object] = {
+        "median_standard_over_torch_mha": statistics.median(
+            1 / r["ratio_to_standard"]["torch_mha"] for r in float32
+        ) if float32 else None,
+    }
+    target = [r for r in float32 if r["length"] == 128 and r["d_model"] == 512]
+    if target:
+        r = target[0]
+        summary["l128_d512"] = {
+            v: {
+                "measured": r["ratio_to_standard"][v],
+                "predicted": r["mac_ratio"][v],
+                "within_15_percent": r["ratio_to_standard"][v] <= 1.15 * r["mac_ratio"][v],
+            }
+            for v in ("optimised", "efficient", "super")
+        }
+    square = [r for r in float32 if r["length"] == r["d_model"]]
+    summary["super_vs_optimised_at_l_eq_d"] = [
+        {"length": r["length"], "super_over_optimised": r["ratio_to_standard"]["super"] / r["ratio_to_standard"]["optimised"]}
+        for r in square
+    ]
+    return summary
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    markers = {"optimised": "o", "efficient": "s", "super": "^", "torch_mha": "x"}
+    for name, marker in markers.items():
+        xs = [r["mac_ratio"][name] for r in rows]
+        ys = [r["ratio_to_standard"][name] for r in rows]
+        ax.scatter(xs, ys, marker=marker, label=name)
+    ax.plot([0.4, 1.3], [0.4, 1.3], color="gray", lw=0.8, label="time = MACs")
+    ax.set(xlabel="predicted ratio (multiply-adds, pba.costs)", ylabel="measured time ratio (fwd+bwd)",
+           title="Each variant relative to pba's standard layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(device: str) -> dict:
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pba": pba.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        from pba.experiments.imdb import _cpu_name
+
+        env["cpu"] = _cpu_name()
+    return env
+
+
+def _reexec_with_mmap_threshold() -> None:
+    """Make glibc return freed blocks >= 64 KiB to the system, so VmHWM tracks live tensors."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _reexec_with_mmap_threshold()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a small grid (for the book's live run)")
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--out", default=None, help="JSON path (default: results/bench-attention-<device>.json)")
+    args = parser.parse_args(argv)
+
+    grid = [(l, d) for l, d in (QUICK_GRID if args.quick else FULL_GRID) if l <= args.max_length]
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for length, d_model in grid:
+            row = bench_shape(length, d_model, args.heads, args.device, dtype, args.repeats, args.warmup)
+            print_row(row)
+            rows.append(row)
+    payload = {
+        "command": "python benchmarks/attention_speed.py " + " ".join(shlex.quote(a) for a in argv),
+        "environment": environment(args.device),
+        "rows": rows,
+        "summary": summarise(rows),
+    }
+    print(json.dumps(payload["summary"], indent=1))
+    if args.out != "-":
+        kind = "cuda" if args.device.startswith("cuda") else "cpu"
+        out = Path(args.out or ROOT / "results" / f"bench-attention-{kind}{'-quick' if args.quick else ''}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=1) + "\n")
+        os.replace(tmp, out)
+        plot(rows, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

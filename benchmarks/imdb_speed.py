@@ -1,0 +1,144 @@
+"""IMDB training speed: pba's loop against a baseline built the way the reference code is built.
+
+    PBA_IMDB_DIR=../shared/data/imdb python benchmarks/imdb_speed.py --epochs 1
+
+The baseline re-creates the costs of the reference reimplementation's design with the same model,
+data and optimiser: one module per head with its own projections and a Python loop over heads,
+``torch.cat`` of head outputs, a ``DataLoader`` that collates variable-length reviews with
+``pad_sequence`` for every batch, the default (non-fused) Adam, a host sync per step to accumulate
+metrics, and a ``torch.save`` checkpoint whenever validation improves. It is written for this
+benchmark (it is not the reference's code), so its time is an estimate of that design's cost, not
+of the reference script itself (which took 33 min 20 s for the full protocol on this kind of
+machine).
+
+Both sides train the same number of steps (a shortened protocol: ``--epochs`` per variant, one
+seed) in one process with the same thread count; the ratio is printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader
+
+import pba
+from pba.data import prepare_imdb
+from pba.experiments import ImdbSettings, run_one
+from pba.train import evaluate
+
+
+class HeadLoopAttention(nn.Module):
+    """One module per head (the reference's layout): heads computed one after another."""
+
+    def __init__(self, variant: str, d_model: int, n_heads: int, length: int) -> None:
+        super().__init__()
+        self.variant, self.n_heads, self.d_k = variant, n_heads, d_model // n_heads
+        self.queries = nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads))
+        learn_keys = variant in ("standard", "optimised")
+        self.keys = nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads)) if learn_keys else None
+        self.values = nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads)) if variant == "standard" else None
+        self.wa = nn.Linear(length, length) if variant == "super" else None
+        self.out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = None
+        for i in range(self.n_heads):
+            block = slice(i * self.d_k, (i + 1) * self.d_k)
+            q = self.queries[i](x)
+            k = self.keys[i](x) if self.keys is not None else x[:, :, block]
+            v = self.values[i](x) if self.values is not None else x[:, :, block]
+            if self.wa is not None:
+                v = self.wa(v.permute(0, 2, 1)).permute(0, 2, 1)
+            weights = torch.softmax(q @ k.permute(0, 2, 1) / math.sqrt(self.d_k), dim=1)  # over queries
+            head = weights @ v
+            heads = head if heads is None else torch.cat((heads.clone(), head), 2)
+        return self.out(heads)
+
+
+class BaselineClassifier(pba.models.IMDBClassifier):
+    """pba's classifier with the attention swapped for the head loop, quirks on."""
+
+    def __init__(self, variant: str, vocab_size: int, length: int) -> None:
+        super().__init__("standard", vocab_size=vocab_size, context_length=length, padding_mask=False, masked_pooling=False)
+        self.blocks[0].attention = HeadLoopAttention(variant, 32, 4, length)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(ids) + self.position_embedding(torch.arange(ids.shape[1]))
+        block = self.blocks[0]
+        z = block.norm1(x + block.dropout1(block.attention(x)))
+        x = block.norm2(z + block.dropout2(block.ffn(z)))
+        return self.head(x.mean(1)).squeeze(-1)
+
+
+def baseline_epochs(variant: str, splits, epochs: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    ids, labels = splits.train
+    reviews = [row[row != 0] if (row != 0).any() else row[:1] for row in ids]  # variable length, as read
+    dataset = list(zip(reviews, labels.tolist()))
+
+    def collate(batch):
+        texts, ys = zip(*batch)
+        padded = pad_sequence(list(texts), batch_first=True)
+        padded = F.pad(padded, (0, ids.shape[1] - padded.shape[1]))  # the position table wants l
+        return padded, torch.tensor(ys, dtype=torch.float32)
+
+    loader = DataLoader(dataset, batch_size=64, shuffle=True, collate_fn=collate)
+    model = BaselineClassifier(variant, len(splits.vocab), ids.shape[1])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    best = -1.0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(epochs):
+            model.train()
+            correct = total = 0
+            for batch, target in loader:
+                optimizer.zero_grad()
+                logits = model(batch)
+                loss = F.binary_cross_entropy_with_logits(logits, target)
+                loss.backward()
+                optimizer.step()
+                correct += ((logits > 0.5).float() == target).sum().item()  # a sync per step
+                total += len(target)
+            _, val_acc = evaluate(model, *splits.val, threshold=0.5, batch_size=64)
+            if val_acc >= best:
+                best = val_acc
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(tmp, "best.pth"))
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=list(pba.VARIANTS), choices=pba.VARIANTS)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = ImdbSettings.with_quirks(epochs=args.epochs)
+    splits = prepare_imdb("seed", data_dir=args.data_dir, **settings.tokenizer_overrides())
+    print("command: python benchmarks/imdb_speed.py " + " ".join(shlex.quote(a) for a in argv))
+    print(f"threads {args.threads}, {args.epochs} epoch(s) per variant, seed protocol, reference quirks on")
+    print(f"{'variant':<10} {'baseline s':>11} {'pba s':>8} {'speed-up':>9}")
+    total_base = total_ours = 0.0
+    for variant in args.variants:
+        base = baseline_epochs(variant, splits, args.epochs, seed=0)
+        ours = run_one(variant, 0, splits, settings, device="cpu", num_threads=args.threads)["train_seconds"]
+        total_base, total_ours = total_base + base, total_ours + ours
+        print(f"{variant:<10} {base:>11.1f} {ours:>8.1f} {base / ours:>8.2f}x", flush=True)
+    print(f"{'all':<10} {total_base:>11.1f} {total_ours:>8.1f} {total_base / total_ours:>8.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

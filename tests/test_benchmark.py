@@ -1,0 +1,43 @@
+"""pba.benchmark on a tiny shape: every contender timed, ratios and the MAC model reported."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pba.benchmark import CONTENDERS, bench_shape
+from pba.experiments.summary import load_results
+
+
+def test_bench_shape_reports_every_contender() -> None:
+    row = bench_shape(8, 16, n_heads=2, repeats=2, warmup=1)
+    assert set(row["median_seconds"]) == set(CONTENDERS)
+    assert row["ratio_to_standard"]["standard"] == 1.0
+    assert row["mac_ratio"]["efficient"] == pytest.approx((2 * 8 * 16**2 + 2 * 8**2 * 16) / (4 * 8 * 16**2 + 2 * 8**2 * 16))
+    assert all(t["forward"] > 0 and t["forward_backward"] > 0 for t in row["median_seconds"].values())
+    assert row["batch"] == 8192 // 8
+
+
+def test_load_results_reads_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "x.json").write_text(json.dumps({"runs": [1]}))
+    (tmp_path / "pba").mkdir()
+    (tmp_path / "book").mkdir()
+    monkeypatch.chdir(tmp_path / "book")
+    assert load_results("x.json") == {"runs": [1]}
+    assert load_results("absent.json", missing_ok=True) is None
+    with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
+        load_results("absent.json")
+
+
+def test_committed_results_name_their_command() -> None:
+    results = Path(__file__).resolve().parent.parent / "results"
+    files = sorted(results.rglob("*.json"))
+    assert files, "no committed results"
+    for path in files:
+        payload = json.loads(path.read_text())
+        assert payload.get("command", "").startswith("python "), path.name
+        assert os.stat(path).st_mode & 0o044, f"{path.name} is not readable by others"
