@@ -75,6 +75,25 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
+def _check_layer_options(d_model: int, n_heads: int, dropout: float, softmax_over: str) -> None:
+    """Validate the options every variant shares (used by the PyTorch and the Keras layers)."""
+    _check_positive_int("d_model", d_model)
+    _check_positive_int("n_heads", n_heads)
+    if d_model % n_heads:
+        raise ValueError(
+            f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}"
+        )
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+    _check_choice("softmax_over", softmax_over, ("keys", "queries"))
+
+
+_CAUSAL_NEEDS_KEYS = (
+    "is_causal=True needs softmax_over='keys', got softmax_over='queries': "
+    "normalising over queries mixes every query's score, so a token would read later ones"
+)
+
+
 class StandardAttention(nn.Module):
     r"""Multi-head scaled dot-product attention (Vaswani et al., 2017), batch-first.
 
@@ -123,24 +142,15 @@ class StandardAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_heads", n_heads)
-        if d_model % n_heads:
-            raise ValueError(
-                f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}"
-            )
+        _check_layer_options(d_model, n_heads, dropout, softmax_over)
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         self.d_model = d_model
         self.n_heads = n_heads
         self.d_k = d_model // n_heads
         self.bias = bias
         self.dropout = float(dropout)
-        self.softmax_over: SoftmaxOver = _check_choice(  # type: ignore[assignment]
-            "softmax_over", softmax_over, ("keys", "queries")
-        )
+        self.softmax_over: SoftmaxOver = softmax_over
         self.fused = bool(fused)
         factory = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(d_model, d_model, bias=bias, **factory)  # W^Q
@@ -317,10 +327,7 @@ class StandardAttention(nn.Module):
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         if is_causal and self.softmax_over == "queries":
-            raise ValueError(
-                "is_causal=True needs softmax_over='keys', got softmax_over='queries': "
-                "normalising over queries mixes every query's score, so a token would read later ones"
-            )
+            raise ValueError(_CAUSAL_NEEDS_KEYS)
         if is_causal and query.shape[1] != key.shape[1]:
             raise ValueError(
                 f"is_causal=True needs L_q == L_k, got L_q={query.shape[1]}, L_k={key.shape[1]}"

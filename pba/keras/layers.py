@@ -16,7 +16,7 @@ import math
 import keras
 from keras import ops
 
-from ..attention import VARIANTS, _check_choice, _check_positive_int
+from ..attention import _CAUSAL_NEEDS_KEYS, VARIANTS, _check_choice, _check_layer_options, _check_positive_int
 
 __all__ = [
     "StandardAttention",
@@ -51,17 +51,10 @@ class StandardAttention(keras.layers.Layer):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
-        _check_positive_int("d_model", d_model)
-        _check_positive_int("n_heads", n_heads)
-        if d_model % n_heads:
-            raise ValueError(
-                f"d_model must be divisible by n_heads, got d_model={d_model}, n_heads={n_heads}"
-            )
-        if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        _check_layer_options(d_model, n_heads, dropout, softmax_over)
         self.d_model, self.n_heads, self.d_k = d_model, n_heads, d_model // n_heads
         self.bias, self.dropout = bool(bias), float(dropout)
-        self.softmax_over = _check_choice("softmax_over", softmax_over, ("keys", "queries"))
+        self.softmax_over = softmax_over
 
         def dense(name: str) -> keras.layers.Dense:
             return keras.layers.Dense(
@@ -162,10 +155,7 @@ class StandardAttention(keras.layers.Layer):
                     f"got {tuple(ops.shape(key_padding_mask))}"
                 )
         if is_causal and self.softmax_over == "queries":
-            raise ValueError(
-                "is_causal=True needs softmax_over='keys', got softmax_over='queries': "
-                "normalising over queries mixes every query's score, so a token would read later ones"
-            )
+            raise ValueError(_CAUSAL_NEEDS_KEYS)
         if is_causal and ops.shape(query)[1] != ops.shape(key)[1]:
             raise ValueError(
                 f"is_causal=True needs L_q == L_k, got L_q={ops.shape(query)[1]}, L_k={ops.shape(key)[1]}"
