@@ -206,21 +206,22 @@ class StandardAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         self._check_inputs(query, key, value, key_padding_mask, is_causal)
-        batch, len_q, _ = query.shape
-        len_k = key.shape[1]
+        len_q, len_k = query.shape[1], key.shape[1]
 
         q = split_heads(self.project_query(query), self.n_heads)  # (B, h, L_q, d_k)
         k = split_heads(self.project_key(key), self.n_heads)  # (B, h, L_k, d_k)
         v = split_heads(self.project_value(value, key_padding_mask, is_causal), self.n_heads)
 
-        allowed = self._allowed(key_padding_mask, is_causal, batch, len_q, len_k, query.device)
         dropout_p = self.dropout if self.training else 0.0
+        weights = None
         if self.fused and not need_weights and self.softmax_over == "keys":
-            # A causal mask alone goes to the kernel as a flag, which lets it skip the masked half.
-            mask = allowed if key_padding_mask is not None else None
-            heads = self._fused_heads(q, k, v, mask, is_causal, dropout_p)
-            weights = None
+            if key_padding_mask is None:  # a causal mask alone goes to the kernel as a flag
+                heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+            else:
+                allowed = self._allowed(key_padding_mask, is_causal, len_q, len_k, query.device)
+                heads = self._fused_heads(q, k, v, allowed, dropout_p)
         else:
+            allowed = self._allowed(key_padding_mask, is_causal, len_q, len_k, query.device)
             heads, weights = self._explicit_heads(q, k, v, allowed, dropout_p)
         out = self.out_proj(merge_heads(heads))  # (B, L_q, d_model)
         return (out, weights) if need_weights else out
@@ -242,33 +243,15 @@ class StandardAttention(nn.Module):
         dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
         return dropped @ v, weights  # (B, h, L_q, d_k), (B, h, L_q, L_k)
 
-    def _fused_heads(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        allowed: Tensor | None,
-        is_causal: bool,
-        dropout_p: float,
-    ) -> Tensor:
-        """The same heads through ``F.scaled_dot_product_attention`` (key-axis softmax only).
-
-        ``allowed`` is the padding (and causal) mask, or ``None`` when only ``is_causal`` applies.
-        """
-        if allowed is None:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
+    def _fused_heads(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
+        """The same heads through ``F.scaled_dot_product_attention`` with a bool mask."""
         empty = ~allowed.any(dim=-1, keepdim=True)  # queries that may see no key
         heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p)
         return heads.masked_fill(empty, 0.0)
 
     @staticmethod
     def _allowed(
-        key_padding_mask: Tensor | None,
-        is_causal: bool,
-        batch: int,
-        len_q: int,
-        len_k: int,
-        device: torch.device,
+        key_padding_mask: Tensor | None, is_causal: bool, len_q: int, len_k: int, device: torch.device
     ) -> Tensor | None:
         """Bool ``(B or 1, 1, L_q, L_k)``: ``True`` where query ``t`` may read key ``j``."""
         allowed = None
