@@ -427,9 +427,7 @@ class SuperAttention(EfficientAttention):
             value = value.masked_fill(~key_padding_mask[..., None], 0.0)  # padded rows carry nothing
         wa = self.effective_wa(length, is_causal)
         if self.wa_sharing == "layer":
-            # W^A X for all heads at once, computed as (X^T (W^A)^T)^T: one GEMM over (B*d, L) rows,
-            # cheaper forward and backward than broadcasting (L, L) @ (B, L, d_model).
-            mixed = F.linear(value.transpose(1, 2), wa).transpose(1, 2)  # (B, L, d_model)
+            mixed = wa @ value  # (L, L) @ (B, L, d_model): W^A X, all heads at once
             if self.wa_bias is not None:
                 mixed = mixed + self.wa_bias[:length, None]
             return mixed
