@@ -309,10 +309,6 @@ class EncodedSplits:
     vocab: list[str]
     settings: dict
 
-    @property
-    def pad_id(self) -> int:
-        return 0
-
     def sizes(self) -> dict[str, int]:
         return {name: len(getattr(self, name)[1]) for name in ("train", "val", "test")}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -86,13 +86,12 @@ class RunResult:
     seconds: float
     parameters: int
     device: str
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _adam(params: list[nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
     """Plain Adam; the fused kernel (same update) where this torch and device have it."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -144,7 +143,7 @@ def fit(
     val_ids, val_y = (t.to(device) for t in val)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
-    optimizer = _adam(list(model.parameters()), config.lr, device)
+    optimizer = _adam(list(model.parameters()), config.lr)
 
     from tqdm.auto import tqdm
 
