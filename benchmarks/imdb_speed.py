@@ -12,7 +12,9 @@ of the reference script itself (which took 33 min 20 s for the full protocol on 
 machine).
 
 Both sides train the same number of steps (a shortened protocol: ``--epochs`` per variant, one
-seed) in one process with the same thread count; the ratio is printed side by side.
+seed) in one process with the same thread count; the ratio is printed side by side. With
+``--stack N`` a third column times ``pba.train.fit_replicas`` training seeds 0 .. N-1 of each
+variant together, as seconds per seed (the stack's time over N): what stacking saves or costs here.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shlex
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,8 @@ from torch.utils.data import DataLoader
 
 import pba
 from pba.data import prepare_imdb
-from pba.experiments import ImdbSettings, run_one
+from pba.experiments import ImdbSettings, run_one, run_stack
+from pba.experiments.imdb import environment, write_json_atomic
 from pba.train import evaluate
 
 
@@ -123,20 +127,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(pba.VARIANTS), choices=pba.VARIANTS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--stack", type=int, default=0, help="also time N seeds trained together (N >= 2)")
+    parser.add_argument("--out", help="also write the table as JSON (with command and environment)")
     args = parser.parse_args(argv)
+    if args.stack == 1 or args.stack < 0:
+        parser.error(f"--stack must be 0 (off) or at least 2, got {args.stack}")
     torch.set_num_threads(args.threads)
     settings = ImdbSettings.with_quirks(epochs=args.epochs)
     splits = prepare_imdb("seed", data_dir=args.data_dir, **settings.tokenizer_overrides())
-    print("command: python benchmarks/imdb_speed.py " + " ".join(shlex.quote(a) for a in argv))
+    command = "python benchmarks/imdb_speed.py " + " ".join(shlex.quote(a) for a in argv)
+    print("command: " + command)
     print(f"threads {args.threads}, {args.epochs} epoch(s) per variant, seed protocol, reference quirks on")
-    print(f"{'variant':<10} {'baseline s':>11} {'pba s':>8} {'speed-up':>9}")
-    total_base = total_ours = 0.0
+    header = f"{'variant':<10} {'baseline s':>11} {'pba s':>8} {'speed-up':>9}"
+    if args.stack:
+        header += f" {'stack s/seed':>13} {'speed-up':>9}"
+    print(header)
+    totals = {"base": 0.0, "ours": 0.0, "stack": 0.0}
+    rows = []
     for variant in args.variants:
-        base = baseline_epochs(variant, splits, args.epochs, seed=0)
-        ours = run_one(variant, 0, splits, settings, device="cpu", num_threads=args.threads)["train_seconds"]
-        total_base, total_ours = total_base + base, total_ours + ours
-        print(f"{variant:<10} {base:>11.1f} {ours:>8.1f} {base / ours:>8.2f}x", flush=True)
-    print(f"{'all':<10} {total_base:>11.1f} {total_ours:>8.1f} {total_base / total_ours:>8.2f}x")
+        times = {
+            "base": baseline_epochs(variant, splits, args.epochs, seed=0),
+            "ours": run_one(variant, 0, splits, settings, device="cpu", num_threads=args.threads)["train_seconds"],
+        }
+        if args.stack:
+            runs = run_stack(variant, range(args.stack), splits, settings, device="cpu", num_threads=args.threads)
+            times["stack"] = runs[0]["train_seconds"]  # each replica's equal share of the stack's time
+        for key, value in times.items():
+            totals[key] += value
+        rows.append({"variant": variant, **{f"{key}_seconds": value for key, value in times.items()}})
+        print(_row(variant, times), flush=True)
+    print(_row("all", totals if args.stack else {k: totals[k] for k in ("base", "ours")}))
+    if args.out:
+        machine = environment("cpu")
+        machine["threads"] = args.threads
+        payload = {"command": command, "epochs": args.epochs, "stack": args.stack, "environment": machine, "rows": rows}
+        write_json_atomic(Path(args.out), payload)
+    return 0
+
+
+def _row(name: str, times: dict[str, float]) -> str:
+    row = f"{name:<10} {times['base']:>11.1f} {times['ours']:>8.1f} {times['base'] / times['ours']:>8.2f}x"
+    if "stack" in times:
+        row += f" {times['stack']:>13.1f} {times['base'] / times['stack']:>8.2f}x"
+    return row
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import random
 import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TrainConfig", "RunResult", "pick_device", "seed_everything", "evaluate", "fit"]
+__all__ = ["TrainConfig", "RunResult", "pick_device", "seed_everything", "evaluate", "fit", "fit_replicas"]
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -75,7 +77,11 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
-    """What one training run produced."""
+    """What one training run produced.
+
+    ``train_seconds`` and ``seconds`` are wall times; for replicas trained together by
+    :func:`fit_replicas` each replica gets an equal share of the stack's wall time.
+    """
 
     history: list[dict[str, float]]
     best_epoch: int
@@ -203,3 +209,170 @@ def fit(
         parameters=sum(p.numel() for p in model.parameters()),
         device=str(device),
     )
+
+
+# ------------------------------------------------------------------------- replicas in one stack
+#: vmap's note that CPU's fused attention kernel has no batching rule (it loops over replicas);
+#: measured on the IMDB model, the loop costs no more than the explicit path, so it is not news.
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+def _check_replicas(models: Sequence[nn.Module], seeds: Sequence[int]) -> None:
+    if len(models) == 0:
+        raise ValueError("models must hold at least one replica, got none")
+    if len(seeds) != len(models):
+        raise ValueError(f"seeds must give one seed per model: {len(models)} models, got {len(seeds)} seeds")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {list(seeds)}")
+    first = [(name, p.shape) for name, p in models[0].named_parameters()]
+    for index, model in enumerate(models[1:], start=1):
+        if type(model) is not type(models[0]) or [(n, p.shape) for n, p in model.named_parameters()] != first:
+            raise ValueError(f"models must share one architecture; models[{index}] differs from models[0]")
+
+
+@torch.no_grad()
+def _evaluate_replicas(
+    predict, params: dict, buffers: dict, ids: Tensor, labels: Tensor, threshold: float, batch_size: int
+) -> tuple[list[float], list[float]]:
+    """Per replica: mean binary cross-entropy and accuracy on the same examples."""
+    replicas = next(iter(params.values())).shape[0]
+    loss_sum = torch.zeros(replicas, dtype=torch.float64, device=ids.device)
+    correct = torch.zeros(replicas, dtype=torch.int64, device=ids.device)
+    for start in range(0, len(labels), batch_size):
+        logits = predict(params, buffers, ids[start : start + batch_size])  # (R, n)
+        target = labels[start : start + batch_size].expand_as(logits)
+        loss_sum += F.binary_cross_entropy_with_logits(logits, target, reduction="none").double().sum(1)
+        correct += ((logits > threshold) == (target > 0.5)).sum(1)
+    n = len(labels)
+    return (loss_sum / n).tolist(), (correct.double() / n).tolist()
+
+
+def fit_replicas(
+    models: Sequence[nn.Module],
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor] | None = None,
+    config: TrainConfig | None = None,
+    *,
+    seeds: Sequence[int],
+) -> list[RunResult]:
+    """Train independent replicas of one architecture together, as one batched model.
+
+    ``models[r]`` (built by the caller after seeding with ``seeds[r]``) follows :func:`fit`'s
+    protocol with ``seed=seeds[r]``: its own initialisation, its own batch order (the same
+    permutations as :func:`fit` draws), Adam over every parameter, its own best-validation epoch
+    evaluated on test; afterwards it holds that epoch's weights, as after :func:`fit`.
+
+    How: :func:`torch.func.stack_module_state` stacks the replicas' parameters along a new first
+    axis and :func:`torch.func.vmap` runs the one model over that axis, so each step is one set of
+    kernels for every replica. The loss is the sum of the replicas' losses, whose gradient with
+    respect to replica ``r``'s slice is replica ``r``'s own gradient; Adam is elementwise, so Adam
+    on the stacked tensors *is* the replicas' own Adams side by side. This pays where kernel
+    launches dominate (a GPU with a small model); on a CPU the work per kernel grows with the
+    stack and little is saved (measured in ``benchmarks/imdb_speed.py``).
+
+    Dropout masks are drawn by vmap from one stream seeded with ``seeds[0]``: the same stack gives
+    the same numbers, but a replica's numbers depend on the whole stack and differ from
+    :func:`fit`'s with the same seed. Without dropout they equal :func:`fit`'s up to
+    floating-point rounding (tested).
+    """
+    from torch.func import functional_call, stack_module_state, vmap
+    from tqdm.auto import tqdm
+
+    models, seeds = list(models), [int(s) for s in seeds]
+    _check_replicas(models, seeds)
+    config = config or TrainConfig()
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+    device = pick_device(config.device)
+    start = time.perf_counter()
+    for model in models:
+        model.to(device)
+    params, buffers = stack_module_state(models)  # name -> (R, ...) leaves
+    skeleton = copy.deepcopy(models[0]).to("meta")  # the architecture; weights come from params
+
+    def replica_logits(p: dict, b: dict, ids: Tensor) -> Tensor:
+        return functional_call(skeleton, (p, b), (ids,))
+
+    def replica_loss(p: dict, b: dict, ids: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        logits = replica_logits(p, b, ids)
+        return F.binary_cross_entropy_with_logits(logits, target), logits
+
+    train_step = vmap(replica_loss, randomness="different")  # each replica its own batch and dropout
+    predict = vmap(replica_logits, in_dims=(0, 0, None))  # every replica on the same examples
+
+    train_ids, train_y = (t.to(device) for t in train)
+    val_ids, val_y = (t.to(device) for t in val)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    torch.manual_seed(seeds[0])  # the stack's dropout stream
+    optimizer = _adam(list(params.values()), config.lr)
+
+    replicas, n = len(models), len(train_y)
+    histories: list[list[dict[str, float]]] = [[] for _ in models]
+    best_val, best_epoch = [-1.0] * replicas, [-1] * replicas
+    best = {name: p.detach().clone() for name, p in params.items()}
+    epochs = tqdm(range(config.epochs), desc="epochs", disable=not config.progress, leave=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+        for epoch in epochs:
+            skeleton.train()
+            orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)  # (R, n)
+            loss_sum = torch.zeros(replicas, dtype=torch.float64, device=device)
+            correct = torch.zeros(replicas, dtype=torch.int64, device=device)
+            for begin in range(0, n, config.batch_size):
+                batch = orders[:, begin : begin + config.batch_size]  # (R, B)
+                ids, target = train_ids[batch], train_y[batch]  # (R, B, L), (R, B)
+                losses, logits = train_step(params, buffers, ids, target)  # (R,), (R, B)
+                optimizer.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                optimizer.step()
+                with torch.no_grad():
+                    loss_sum += losses.double() * batch.shape[1]
+                    correct += ((logits > config.threshold) == (target > 0.5)).sum(1)
+            skeleton.eval()
+            val_loss, val_acc = _evaluate_replicas(
+                predict, params, buffers, val_ids, val_y, config.threshold, config.eval_batch_size
+            )
+            train_loss, train_acc = (loss_sum / n).tolist(), (correct.double() / n).tolist()
+            for r in range(replicas):
+                histories[r].append(
+                    {
+                        "epoch": epoch + 1,
+                        "train_loss": train_loss[r],
+                        "train_acc": train_acc[r],
+                        "val_loss": val_loss[r],
+                        "val_acc": val_acc[r],
+                    }
+                )
+                if val_acc[r] >= best_val[r]:  # ties keep the later epoch, as in fit
+                    best_val[r], best_epoch[r] = val_acc[r], epoch + 1
+                    with torch.no_grad():
+                        for name, p in params.items():
+                            best[name][r].copy_(p[r])
+            epochs.set_postfix(val_acc=f"{max(val_acc):.4f}")
+        train_seconds = time.perf_counter() - start
+        test_loss, test_acc = [float("nan")] * replicas, [float("nan")] * replicas
+        if test is not None:
+            test_ids, test_y = (t.to(device) for t in test)
+            test_loss, test_acc = _evaluate_replicas(
+                predict, best, buffers, test_ids, test_y, config.threshold, config.eval_batch_size
+            )
+    with torch.no_grad():
+        for r, model in enumerate(models):
+            model.load_state_dict({name: p[r] for name, p in best.items()}, strict=False)
+    seconds = time.perf_counter() - start
+    parameters = sum(p.numel() for p in models[0].parameters())
+    return [
+        RunResult(
+            history=histories[r],
+            best_epoch=best_epoch[r],
+            val_acc=best_val[r],
+            test_acc=test_acc[r],
+            test_loss=test_loss[r],
+            train_seconds=train_seconds / replicas,
+            seconds=seconds / replicas,
+            parameters=parameters,
+            device=str(device),
+        )
+        for r in range(replicas)
+    ]

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python benchmarks/attention_speed.py --device cuda --dtypes float32 bfloat16
 start=$(date +%s)
+# Each variant's 5 seeds train together as one batched model (fewer, larger kernel launches);
+# the 4 variants run as 4 processes sharing the GPU.
 python -m pba.experiments imdb --protocol seed --seeds 5 --epochs 10 --device cuda --threads 1 \
-    --out results/imdb-seed-cuda.json
+    --stack-seeds true --workers 4 --out results/imdb-seed-cuda.json
 echo "full seed protocol (4 variants x 5 seeds x 10 epochs) on CUDA: $(( $(date +%s) - start )) s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pba.data import prepare_imdb
 from pba.experiments import ImdbSettings, run_grid
 from pba.experiments.cli import main
 from pba.models import IMDBClassifier
-from pba.train import TrainConfig, evaluate, fit, pick_device, seed_everything
+from pba.train import TrainConfig, evaluate, fit, fit_replicas, pick_device, seed_everything
 
 from .synthetic import write_imdb_like
 
@@ -102,6 +103,72 @@ def test_threshold_changes_accuracy_only(tiny) -> None:
     assert acc5 == pytest.approx(((logits > 0.5) == (y > 0.5)).float().mean().item())
 
 
+def build_tiny(splits, variant: str, seed: int, **options):
+    seed_everything(seed)
+    return IMDBClassifier(variant, vocab_size=len(splits.vocab), context_length=16, d_model=16, n_heads=2, d_ff=16, **options)
+
+
+TINY_CONFIG = TrainConfig(epochs=3, batch_size=16, lr=1e-2, num_threads=1, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("variant", "options", "cancelling_bias"),
+    [
+        ("standard", {}, "blocks.0.attention.k_proj.bias"),  # b^K cancels in a key-axis softmax
+        ("super", {}, None),
+        ("super", {"softmax_over": "queries", "padding_mask": False}, "blocks.0.attention.q_proj.bias"),
+    ],
+)
+def test_replicas_train_as_separate_runs_would(tiny, variant: str, options: dict, cancelling_bias: str | None) -> None:
+    """Without dropout (whose masks are drawn per stack) a stack of replicas is ``fit`` run per seed."""
+    _, splits = tiny
+    seeds = [0, 1, 2]
+    alone = [build_tiny(splits, variant, s, dropout=0.0, **options) for s in seeds]
+    alone_results = [fit(m, splits.train, splits.val, splits.test, TINY_CONFIG, seed=s) for m, s in zip(alone, seeds)]
+    stacked = [build_tiny(splits, variant, s, dropout=0.0, **options) for s in seeds]
+    stacked_results = fit_replicas(stacked, splits.train, splits.val, splits.test, TINY_CONFIG, seeds=seeds)
+    for a, b, model_a, model_b in zip(alone_results, stacked_results, alone, stacked):
+        assert (a.best_epoch, a.val_acc, a.test_acc) == (b.best_epoch, b.val_acc, b.test_acc)
+        for row_a, row_b in zip(a.history, b.history, strict=True):
+            assert row_a["train_acc"] == row_b["train_acc"] and row_a["val_acc"] == row_b["val_acc"]
+            assert row_b["train_loss"] == pytest.approx(row_a["train_loss"], rel=1e-5)
+            assert row_b["val_loss"] == pytest.approx(row_a["val_loss"], rel=1e-5)
+        assert b.test_loss == pytest.approx(a.test_loss, rel=1e-5)
+        with torch.no_grad():  # each model now holds its best epoch's weights, as after fit
+            assert torch.allclose(model_a.eval()(splits.test[0]), model_b.eval()(splits.test[0]), atol=1e-4)
+        for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+            # A bias whose gradient is zero up to rounding gets full-size Adam steps driven by that
+            # rounding (m / sqrt(v) is O(1) whatever the scale), so it wanders differently; the
+            # outputs above show it cannot matter.
+            if name != cancelling_bias:
+                assert torch.allclose(p, q, atol=1e-4), name
+
+
+def test_replicas_are_deterministic_and_learn(tiny) -> None:
+    _, splits = tiny
+    runs = [
+        fit_replicas([build_tiny(splits, "efficient", s) for s in (3, 4)], splits.train, splits.val, splits.test, TINY_CONFIG, seeds=[3, 4])
+        for _ in range(2)
+    ]
+    assert [r.history for r in runs[0]] == [r.history for r in runs[1]]
+    assert runs[0][0].history != runs[0][1].history  # replicas are independent
+    assert all(r.test_acc > 0.9 for r in runs[0])
+    assert runs[0][0].parameters == count_parameters(build_tiny(splits, "efficient", 0))
+
+
+def test_replicas_bad_input(tiny) -> None:
+    _, splits = tiny
+    one = build_tiny(splits, "standard", 0)
+    with pytest.raises(ValueError, match="seeds must give one seed per model: 2 models, got 1 seeds"):
+        fit_replicas([one, build_tiny(splits, "standard", 1)], splits.train, splits.val, seeds=[0])
+    with pytest.raises(ValueError, match=r"seeds must be distinct, got \[0, 0\]"):
+        fit_replicas([one, build_tiny(splits, "standard", 1)], splits.train, splits.val, seeds=[0, 0])
+    with pytest.raises(ValueError, match=r"models\[1\] differs from models\[0\]"):
+        fit_replicas([one, build_tiny(splits, "super", 1)], splits.train, splits.val, seeds=[0, 1])
+    with pytest.raises(ValueError, match="at least one replica, got none"):
+        fit_replicas([], splits.train, splits.val, seeds=[])
+
+
 def test_bad_train_config() -> None:
     with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
         TrainConfig(epochs=0)
@@ -158,6 +225,40 @@ def test_parallel_workers_give_the_same_numbers(tiny, tmp_path: Path, monkeypatc
     parallel = run_grid(tmp_path / "b.json", variants=["optimised"], seeds=[0, 1], settings=SMALL, data_dir=str(data_dir), workers=2)
     strip = lambda runs: [{k: v for k, v in r.items() if "seconds" not in k} for r in runs]
     assert strip(serial["runs"]) == strip(parallel["runs"])
+
+
+def test_grid_with_stacked_seeds_resumes_by_whole_stacks(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, _ = tiny
+    monkeypatch.setenv("PBA_CACHE_DIR", str(tmp_path / "cache"))
+    settings = ImdbSettings(protocol="paper", epochs=2, batch_size=32, stack_seeds=True)
+    out = tmp_path / "stacked.json"
+
+    def kill_after_first(run: dict) -> None:
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run_grid(out, variants=["standard", "super"], seeds=[0, 1], settings=settings, data_dir=str(data_dir), on_run=kill_after_first)
+    saved = json.loads(out.read_text())
+    assert [(r["variant"], r["seed"], r["stack"]) for r in saved["runs"]] == [("standard", 0, [0, 1]), ("standard", 1, [0, 1])]
+
+    resumed = run_grid(out, variants=["standard", "super"], seeds=[0, 1], settings=settings, data_dir=str(data_dir), workers=2)
+    whole = run_grid(tmp_path / "whole.json", variants=["standard", "super"], seeds=[0, 1], settings=settings, data_dir=str(data_dir))
+    strip = lambda runs: [{k: v for k, v in r.items() if "seconds" not in k} for r in runs]
+    assert strip(resumed["runs"]) == strip(whole["runs"])  # resuming and workers change nothing
+    assert resumed["runs"][:2] == saved["runs"]
+
+
+def test_grid_reads_files_written_before_a_setting_existed(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir, _ = tiny
+    monkeypatch.setenv("PBA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "old.json"
+    first = run_grid(out, variants=["efficient"], seeds=[0], settings=SMALL, data_dir=str(data_dir))
+    del first["settings"]["stack_seeds"]  # as written before the setting was added
+    out.write_text(json.dumps(first))
+    again = run_grid(out, variants=["efficient"], seeds=[0, 1], settings=SMALL, data_dir=str(data_dir))
+    assert [r["seed"] for r in again["runs"]] == [0, 1] and again["runs"][0] == first["runs"][0]
+    with pytest.raises(ValueError, match=r"'stack_seeds': \(False, True\)"):
+        run_grid(out, variants=["efficient"], seeds=[0], settings=dataclasses.replace(SMALL, stack_seeds=True), data_dir=str(data_dir))
 
 
 def test_cli_tiny_config(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -4,7 +4,7 @@
 :mod:`pba.experiments.summary` turns that file into a table, statistics and figures.
 """
 
-from .imdb import QUIRKS, ImdbSettings, run_grid, run_one
+from .imdb import QUIRKS, ImdbSettings, run_grid, run_one, run_stack
 from .summary import load_results, summarise
 
-__all__ = ["QUIRKS", "ImdbSettings", "run_grid", "run_one", "summarise", "load_results"]
+__all__ = ["QUIRKS", "ImdbSettings", "run_grid", "run_one", "run_stack", "summarise", "load_results"]

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     imdb.add_argument("--figures", help="directory for PNG/SVG figures (default: beside --out)")
     imdb.add_argument("--data-dir", help="local Parquet copy of stanfordnlp/imdb (default: $PBA_IMDB_DIR, else the Hub)")
     imdb.add_argument("--device", default="auto", help="auto (CUDA, MPS, CPU), cpu, cuda, ...")
-    imdb.add_argument("--workers", type=int, default=1, help="parallel processes on CPU")
+    imdb.add_argument("--workers", type=int, default=1, help="parallel processes (one per CPU core, or several sharing a GPU)")
     imdb.add_argument("--threads", type=int, default=1, help="CPU threads per run (results depend on it)")
     imdb.add_argument(
         "--quirks",

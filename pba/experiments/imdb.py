@@ -22,9 +22,9 @@ from ..attention import VARIANTS
 from ..costs import count_parameters
 from ..data import EncodedSplits, prepare_imdb
 from ..models import IMDBClassifier
-from ..train import TrainConfig, fit, pick_device, seed_everything
+from ..train import RunResult, TrainConfig, fit, fit_replicas, pick_device, seed_everything
 
-__all__ = ["QUIRKS", "ImdbSettings", "run_one", "run_grid", "environment", "write_json_atomic"]
+__all__ = ["QUIRKS", "ImdbSettings", "run_one", "run_stack", "run_grid", "environment", "write_json_atomic"]
 
 #: The reference reimplementation's choices, each of which the book ablates one at a time.
 QUIRKS: dict[str, object] = {
@@ -57,6 +57,7 @@ class ImdbSettings:
     vocab_from: str = "train"
     truncation: str | None = None  # None: the protocol's own
     threshold: float = 0.0
+    stack_seeds: bool = False  # train a variant's seeds together (pba.train.fit_replicas)
 
     @classmethod
     def with_quirks(cls, **overrides: object) -> ImdbSettings:
@@ -152,11 +153,49 @@ def run_one(
     """One seeded run: build the model from ``seed``, train, evaluate; a JSON-ready dict."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    config = _train_config(settings, device, num_threads, progress)
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     seed_everything(seed)
     model = settings.model(variant, len(splits.vocab), splits.train[0].shape[1])
-    config = TrainConfig(
+    result = fit(model, splits.train, splits.val, splits.test, config, seed=seed)
+    return _run_record(variant, seed, result, model)
+
+
+def run_stack(
+    variant: str,
+    seeds: Iterable[int],
+    splits: EncodedSplits,
+    settings: ImdbSettings,
+    *,
+    device: str = "auto",
+    num_threads: int | None = 1,
+    progress: bool = False,
+) -> list[dict]:
+    """Several seeds of one variant trained together (:func:`pba.train.fit_replicas`).
+
+    Each replica is built from its own seed exactly as in :func:`run_one`; the records say which
+    seeds shared the stack (``"stack"``), since dropout masks are drawn for the stack as a whole.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    seeds = list(seeds)
+    config = _train_config(settings, device, num_threads, progress)
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    models = []
+    for seed in seeds:
+        seed_everything(seed)
+        models.append(settings.model(variant, len(splits.vocab), splits.train[0].shape[1]))
+    results = fit_replicas(models, splits.train, splits.val, splits.test, config, seeds=seeds)
+    return [
+        {**_run_record(variant, seed, result, model), "stack": seeds}
+        for seed, result, model in zip(seeds, results, models)
+    ]
+
+
+def _train_config(settings: ImdbSettings, device: str, num_threads: int | None, progress: bool) -> TrainConfig:
+    return TrainConfig(
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         lr=settings.lr,
@@ -165,7 +204,9 @@ def run_one(
         num_threads=num_threads,
         progress=progress,
     )
-    result = fit(model, splits.train, splits.val, splits.test, config, seed=seed)
+
+
+def _run_record(variant: str, seed: int, result: RunResult, model: IMDBClassifier) -> dict:
     attention = model.blocks[0].attention
     return {
         "variant": variant,
@@ -183,9 +224,18 @@ def _worker_init(protocol: str, split_seed: int, overrides: dict, data_dir: str 
     _WORKER["splits"] = prepare_imdb(protocol, split_seed=split_seed, data_dir=data_dir, **overrides)
 
 
-def _worker_run(args: tuple) -> dict:
-    variant, seed, settings, device, num_threads = args
-    return run_one(variant, seed, _WORKER["splits"], settings, device=device, num_threads=num_threads)
+def _worker_run(args: tuple) -> list[dict]:
+    return _run_job(*args, _WORKER["splits"])
+
+
+def _run_job(
+    variant: str, seeds: list[int], settings: ImdbSettings, device: str, num_threads: int | None, splits: EncodedSplits
+) -> list[dict]:
+    """One job of a grid: a stack of seeds, or a single seed."""
+    if settings.stack_seeds:
+        return run_stack(variant, seeds, splits, settings, device=device, num_threads=num_threads)
+    (seed,) = seeds
+    return [run_one(variant, seed, splits, settings, device=device, num_threads=num_threads)]
 
 
 def run_grid(
@@ -205,8 +255,9 @@ def run_grid(
 
     A killed grid restarts where it stopped: finished runs are read back, never redone. ``out``
     written under other settings is an error (start a new file instead of mixing results).
-    ``workers > 1`` runs that many processes on CPU (each with ``num_threads`` threads); a run's
-    numbers do not depend on which worker ran it.
+    ``workers > 1`` runs that many processes (each with ``num_threads`` CPU threads; on a GPU they
+    share the device); a run's numbers do not depend on which worker ran it. With
+    ``settings.stack_seeds`` a variant's seeds are one job, trained together and saved together.
     """
     out = Path(out)
     variants, seeds = list(variants), list(seeds)
@@ -221,10 +272,12 @@ def run_grid(
             previous = json.loads(out.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{out} is not a results file (invalid JSON: {error})") from error
-        if previous.get("settings") != config:
+        # A setting added after the file was written ran at its default there.
+        before = {**dataclasses.asdict(ImdbSettings()), **previous.get("settings", {})}
+        if before != config:
             raise ValueError(
                 f"{out} holds runs made with other settings; choose another --out. "
-                f"Differences: { {k: (previous.get('settings', {}).get(k), v) for k, v in config.items() if previous.get('settings', {}).get(k) != v} }"
+                f"Differences: { {k: (before.get(k), v) for k, v in config.items() if before.get(k) != v} }"
             )
         payload["runs"] = previous.get("runs", [])
     done = {(r["variant"], r["seed"]) for r in payload["runs"]}
@@ -238,23 +291,29 @@ def run_grid(
     payload["environment"]["workers"] = workers
     payload["environment"]["threads_per_run"] = num_threads
 
-    def record(run: dict) -> None:
-        payload["runs"].append(run)
+    def record(runs: list[dict]) -> None:  # a job's runs are saved together
+        payload["runs"].extend(runs)
         payload["runs"].sort(key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"]))
         write_json_atomic(out, payload)
         if on_run is not None:
-            on_run(run)
+            for run in runs:
+                on_run(run)
+
+    if settings.stack_seeds:  # one job per variant: its seeds not yet done, trained together
+        groups = [[s for v, s in todo if v == variant] for variant in variants]
+        jobs = [(v, g, settings, str(resolved), num_threads) for v, g in zip(variants, groups) if g]
+    else:
+        jobs = [(v, [s], settings, str(resolved), num_threads) for v, s in todo]
 
     started = time.perf_counter()
-    if workers > 1 and resolved.type == "cpu" and len(todo) > 1:
-        jobs = [(v, s, settings, str(resolved), num_threads) for v, s in todo]
+    if workers > 1 and len(jobs) > 1:
         initargs = (settings.protocol, settings.split_seed, settings.tokenizer_overrides(), data_dir)
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init, initargs=initargs) as pool:
             for future in as_completed([pool.submit(_worker_run, job) for job in jobs]):
-                record(future.result())  # saved as soon as it finishes, whatever the order
+                record(future.result())  # saved as soon as a job finishes, whatever the order
     else:
-        for variant, seed in todo:
-            record(run_one(variant, seed, splits, settings, device=str(resolved), num_threads=num_threads))
+        for job in jobs:
+            record(_run_job(*job, splits))
     payload["environment"]["grid_seconds_this_session"] = time.perf_counter() - started
     write_json_atomic(out, payload)
     return payload
