@@ -11,6 +11,8 @@ if [ "$what" = main ] || [ "$what" = all ]; then
   run --protocol seed --quirks reference --out results/imdb-seed-reference.json   # the reference's table
   run --protocol seed --out results/imdb-seed.json                               # our defaults
   run --protocol paper --out results/imdb-paper.json                             # the paper's protocol
+  run --protocol seed --quirks reference --stack-seeds true \
+      --out results/imdb-seed-reference-stacked.json                            # the first, seeds stacked
 fi
 
 if [ "$what" = ablations ] || [ "$what" = all ]; then
