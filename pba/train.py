@@ -268,8 +268,9 @@ def fit_replicas(
     kernels for every replica. The loss is the sum of the replicas' losses, whose gradient with
     respect to replica ``r``'s slice is replica ``r``'s own gradient; Adam is elementwise, so Adam
     on the stacked tensors *is* the replicas' own Adams side by side. This pays where kernel
-    launches dominate (a GPU with a small model); on a CPU the work per kernel grows with the
-    stack and little is saved (measured in ``benchmarks/imdb_speed.py``).
+    launches dominate (a GPU with a small model). On a CPU the arithmetic per kernel grows with
+    the stack, so only the per-kernel overhead is saved, plus what several threads gain on
+    larger kernels (``benchmarks/imdb_speed.py --stack``).
 
     Dropout masks are drawn by vmap from one stream seeded with ``seeds[0]``: the same stack gives
     the same numbers, but a replica's numbers depend on the whole stack and differ from
