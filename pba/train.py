@@ -360,7 +360,8 @@ def fit_replicas(
             )
     with torch.no_grad():
         for r, model in enumerate(models):
-            model.load_state_dict({name: p[r] for name, p in best.items()}, strict=False)
+            for name, weight in model.named_parameters():  # each model keeps its best epoch
+                weight.copy_(best[name][r])
     seconds = time.perf_counter() - start
     parameters = sum(p.numel() for p in models[0].parameters())
     return [
