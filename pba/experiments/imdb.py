@@ -151,13 +151,8 @@ def run_one(
     progress: bool = False,
 ) -> dict:
     """One seeded run: build the model from ``seed``, train, evaluate; a JSON-ready dict."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    config = _train_config(settings, device, num_threads, progress)
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    seed_everything(seed)
-    model = settings.model(variant, len(splits.vocab), splits.train[0].shape[1])
+    config = _prepare(variant, settings, device, num_threads, progress)
+    model = _seeded_model(variant, seed, splits, settings)
     result = fit(model, splits.train, splits.val, splits.test, config, seed=seed)
     return _run_record(variant, seed, result, model)
 
@@ -177,16 +172,9 @@ def run_stack(
     Each replica is built from its own seed exactly as in :func:`run_one`; the records say which
     seeds shared the stack (``"stack"``), since dropout masks are drawn for the stack as a whole.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    config = _prepare(variant, settings, device, num_threads, progress)
     seeds = list(seeds)
-    config = _train_config(settings, device, num_threads, progress)
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    models = []
-    for seed in seeds:
-        seed_everything(seed)
-        models.append(settings.model(variant, len(splits.vocab), splits.train[0].shape[1]))
+    models = [_seeded_model(variant, seed, splits, settings) for seed in seeds]
     results = fit_replicas(models, splits.train, splits.val, splits.test, config, seeds=seeds)
     return [
         {**_run_record(variant, seed, result, model), "stack": seeds}
@@ -194,7 +182,14 @@ def run_stack(
     ]
 
 
-def _train_config(settings: ImdbSettings, device: str, num_threads: int | None, progress: bool) -> TrainConfig:
+def _prepare(
+    variant: str, settings: ImdbSettings, device: str, num_threads: int | None, progress: bool
+) -> TrainConfig:
+    """Check the variant, set the thread count, and turn ``settings`` into a training config."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
     return TrainConfig(
         epochs=settings.epochs,
         batch_size=settings.batch_size,
@@ -204,6 +199,12 @@ def _train_config(settings: ImdbSettings, device: str, num_threads: int | None, 
         num_threads=num_threads,
         progress=progress,
     )
+
+
+def _seeded_model(variant: str, seed: int, splits: EncodedSplits, settings: ImdbSettings) -> IMDBClassifier:
+    """The model initialised from ``seed`` (Python, NumPy and torch seeded first)."""
+    seed_everything(seed)
+    return settings.model(variant, len(splits.vocab), splits.train[0].shape[1])
 
 
 def _run_record(variant: str, seed: int, result: RunResult, model: IMDBClassifier) -> dict:
