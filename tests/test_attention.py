@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pba
-from pba.attention import merge_projections, standard_from_torch
+from pba.attention import merge_projections, mix_tokens, standard_from_torch
 
 D, H, L = 16, 4, 8
 
@@ -166,6 +166,31 @@ def test_gradcheck(variant: str, options: dict, fused: bool) -> None:
 
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
     assert torch.autograd.gradcheck(f, (x, *params))
+
+
+@pytest.mark.parametrize(("batch", "length", "width"), [(64, 32, 32), (3, 5, 7), (1, 1, 1), (2, 40, 3)])
+def test_mix_tokens_equals_matmul(batch: int, length: int, width: int) -> None:
+    """Super attention's ``W^A X`` through one batched product: the values and gradients of ``wa @ x``."""
+    weight = torch.randn(length + 2, length + 2)  # used as a slice, lower-triangular: as the layer does
+    x, upstream = torch.randn(batch, length, width), torch.randn(batch, length, width)
+    results = []
+    for product in (lambda wa, x: wa @ x, mix_tokens):
+        w, xx = weight.clone().requires_grad_(), x.clone().requires_grad_()
+        out = product(w[:length, :length].tril(), xx)
+        out.backward(upstream)
+        results.append((out, w.grad, xx.grad))
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert results[1][1][length:].abs().sum() == 0  # rows of W^A beyond the slice get no gradient
+
+
+def test_mix_tokens_second_derivatives_and_vmap() -> None:
+    wa = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(mix_tokens, (wa, x))
+    stacked_wa, stacked_x = torch.randn(3, 5, 5), torch.randn(3, 2, 5, 4)  # replicas, as in fit_replicas
+    batched = torch.func.vmap(mix_tokens)(stacked_wa, stacked_x)
+    torch.testing.assert_close(batched, torch.stack([w @ x for w, x in zip(stacked_wa, stacked_x)]))
 
 
 # ------------------------------------------------------------------------------- masks
