@@ -8,7 +8,13 @@ One process, every shape: warm-up, then ``--repeats`` rounds in which every vari
 interleaved, and the medians are compared. Printed per shape: each variant's forward+backward time
 relative to pba's standard layer, next to the ratio of multiply-adds that ``pba.costs`` predicts,
 and the peak memory of one forward+backward. Results go to JSON (with device, versions, threads,
-date and command) and a PNG plot.
+date, git revision and command) and a PNG plot.
+
+Times are taken with the default memory allocator, as any training process runs. On CPU the peak
+memory comes from a second process run under ``MALLOC_MMAP_THRESHOLD_=65536``, where freed tensors
+leave the resident set so that the high-water mark tracks live tensors; in that setting every
+large allocation faults its pages in afresh, which would add 10-20 % to the times (more to the
+variants that allocate more), so no time is taken there.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -26,7 +33,8 @@ from pathlib import Path
 import torch
 
 import pba
-from pba.benchmark import CONTENDERS, bench_shape
+from pba.benchmark import CONTENDERS, bench_shape, shape_memory
+from pba.experiments.imdb import _cpu_name, _git_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_GRID = [(length, d) for length in (32, 128, 512, 2048) for d in (64, 256, 512)]
@@ -100,26 +108,28 @@ def environment(device: str) -> dict:
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "device": device,
+        "git_revision": _git_revision(),
     }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
     else:
-        from pba.experiments.imdb import _cpu_name
-
         env["cpu"] = _cpu_name()
     return env
 
 
-def _reexec_with_mmap_threshold() -> None:
-    """Make glibc return freed blocks >= 64 KiB to the system, so VmHWM tracks live tensors."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+def cpu_memory_in_child(argv: list[str]) -> dict[tuple[str, int, int], dict]:
+    """Peak memory per ``(dtype, length, d_model)``, measured by this script in a fresh process
+    with ``--memory-only`` under ``MALLOC_MMAP_THRESHOLD_=65536`` (see the module docstring)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *argv, "--memory-only"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    rows = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    return {(r["dtype"], r["length"], r["d_model"]): r["peak_memory_mib"] for r in rows}
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        _reexec_with_mmap_threshold()
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -130,16 +140,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small grid (for the book's live run)")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--out", default=None, help="JSON path (default: results/bench-attention-<device>.json)")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)  # the CPU memory child
     args = parser.parse_args(argv)
 
     grid = [(l, d) for l, d in (QUICK_GRID if args.quick else FULL_GRID) if l <= args.max_length]
+    shapes = [(dtype_name, length, d_model) for dtype_name in args.dtypes for length, d_model in grid]
+    on_cpu = not args.device.startswith("cuda")
+    if args.memory_only:
+        for dtype_name, length, d_model in shapes:
+            peak = shape_memory(length, d_model, args.heads, args.device, getattr(torch, dtype_name))
+            print(json.dumps({"dtype": dtype_name, "length": length, "d_model": d_model, "peak_memory_mib": peak}), flush=True)
+        return 0
     rows = []
-    for dtype_name in args.dtypes:
-        dtype = getattr(torch, dtype_name)
-        for length, d_model in grid:
-            row = bench_shape(length, d_model, args.heads, args.device, dtype, args.repeats, args.warmup)
+    for dtype_name, length, d_model in shapes:
+        row = bench_shape(
+            length, d_model, args.heads, args.device, getattr(torch, dtype_name), args.repeats, args.warmup,
+            memory=not on_cpu,  # CUDA's allocator statistics are exact in this process
+        )
+        if not on_cpu:
             print_row(row)
-            rows.append(row)
+        rows.append(row)
+    if on_cpu:
+        memory = cpu_memory_in_child(argv)
+        for row in rows:
+            row["peak_memory_mib"] = memory[(row["dtype"], row["length"], row["d_model"])]
+            print_row(row)
     payload = {
         "command": "python benchmarks/attention_speed.py " + " ".join(shlex.quote(a) for a in argv),
         "environment": environment(args.device),

@@ -18,7 +18,7 @@ from torch import nn
 from .attention import VARIANTS, make_attention
 from .costs import macs
 
-__all__ = ["CONTENDERS", "TOKENS_PER_BATCH", "bench_shape"]
+__all__ = ["CONTENDERS", "TOKENS_PER_BATCH", "bench_shape", "shape_memory"]
 
 CONTENDERS = ("torch_mha", *VARIANTS)
 TOKENS_PER_BATCH = 8192  # batch = tokens / length, so every shape does comparable work
@@ -76,8 +76,12 @@ def peak_memory_mib(module: nn.Module, x: torch.Tensor, device: str) -> float | 
     """Peak memory of one forward+backward: CUDA allocator peak, or the rise of Linux VmHWM.
 
     On CPU the process's high-water mark is reset to its current size, one forward+backward runs,
-    and the rise is reported (``main`` sets ``MALLOC_MMAP_THRESHOLD_`` so that freed tensors leave
-    the resident set); this includes the inputs' gradient and the parameters' gradients.
+    and the rise is reported; this includes the inputs' gradient and the parameters' gradients. It
+    tracks live tensors only if freed ones leave the resident set: run it under
+    ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then maps every block of 64 KiB or more on its own and
+    unmaps it when freed). That setting makes every such allocation fault its pages in afresh, so
+    ``benchmarks/attention_speed.py`` times in a process with the default allocator and measures
+    memory in a separate one.
     """
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -96,6 +100,19 @@ def peak_memory_mib(module: nn.Module, x: torch.Tensor, device: str) -> float | 
     return None if base is None or peak is None else (peak - base) / 1024
 
 
+def shape_memory(
+    length: int, d_model: int, n_heads: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> dict[str, float | None]:
+    """Peak memory (MiB) of one forward+backward of every contender at one shape (see :func:`peak_memory_mib`)."""
+    batch = max(1, TOKENS_PER_BATCH // length)
+    torch.manual_seed(0)
+    x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
+    modules = {name: build(name, d_model, n_heads, length, device, dtype) for name in CONTENDERS}
+    for module in modules.values():  # steady state, as after timing: gradients already allocated
+        run_once(module, x, backward=True)
+    return {name: peak_memory_mib(module, x, device) for name, module in modules.items()}
+
+
 def bench_shape(
     length: int,
     d_model: int,
@@ -104,8 +121,13 @@ def bench_shape(
     dtype: torch.dtype = torch.float32,
     repeats: int = 7,
     warmup: int = 2,
+    memory: bool = True,
 ) -> dict:
-    """Benchmark every contender at one shape; batch = ``TOKENS_PER_BATCH // length``."""
+    """Benchmark every contender at one shape; batch = ``TOKENS_PER_BATCH // length``.
+
+    ``memory=False`` leaves ``peak_memory_mib`` empty (``None`` per contender), for callers that
+    measure memory elsewhere (``benchmarks/attention_speed.py`` does it in a child process on CPU).
+    """
     batch = max(1, TOKENS_PER_BATCH // length)
     torch.manual_seed(0)
     x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
@@ -118,7 +140,7 @@ def bench_shape(
         for mode, backward in (("forward", False), ("forward_backward", True)):
             for name, module in modules.items():  # interleaved: drift hits every variant alike
                 times[name][mode].append(timed(module, x, backward, device))
-    memory = {name: peak_memory_mib(module, x, device) for name, module in modules.items()}
+    peak = shape_memory(length, d_model, n_heads, device, dtype) if memory else dict.fromkeys(CONTENDERS)
     median = {name: {mode: statistics.median(v) for mode, v in t.items()} for name, t in times.items()}
     base = median["standard"]["forward_backward"]
     row = {
@@ -128,7 +150,7 @@ def bench_shape(
         "batch": batch,
         "dtype": str(dtype).replace("torch.", ""),
         "median_seconds": median,
-        "peak_memory_mib": memory,
+        "peak_memory_mib": peak,
         "ratio_to_standard": {name: median[name]["forward_backward"] / base for name in CONTENDERS},
         "forward_ratio_to_standard": {name: median[name]["forward"] / median["standard"]["forward"] for name in CONTENDERS},
         "mac_ratio": {v: macs(v, d_model, length) / macs("standard", d_model, length) for v in VARIANTS},

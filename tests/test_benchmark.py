@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,30 @@ def test_bench_shape_reports_every_contender() -> None:
     assert row["mac_ratio"]["efficient"] == pytest.approx((2 * 8 * 16**2 + 2 * 8**2 * 16) / (4 * 8 * 16**2 + 2 * 8**2 * 16))
     assert all(t["forward"] > 0 and t["forward_backward"] > 0 for t in row["median_seconds"].values())
     assert row["batch"] == 8192 // 8
+    assert set(row["peak_memory_mib"]) == set(CONTENDERS)
+
+
+def test_bench_shape_can_leave_memory_to_another_process() -> None:
+    row = bench_shape(8, 16, n_heads=2, repeats=1, warmup=0, memory=False)
+    assert row["peak_memory_mib"] == dict.fromkeys(CONTENDERS)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc high-water mark")
+def test_script_times_here_and_measures_memory_in_a_child(tmp_path: Path) -> None:
+    """The CPU script end to end: times in this process, memory from its MALLOC_MMAP_THRESHOLD_ child."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "attention_speed.py"
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--max-length", "128", "--repeats", "1", "--warmup", "0", "--out", str(out)],
+        check=True, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"},
+    )
+    payload = json.loads(out.read_text())
+    assert payload["command"].endswith("--out " + str(out))
+    rows = {(r["length"], r["d_model"]): r for r in payload["rows"]}
+    assert set(rows) == {(32, 64), (128, 256), (128, 512)}
+    peak = rows[(128, 512)]["peak_memory_mib"]  # fewer projections keep fewer activations
+    assert peak["efficient"] < peak["optimised"] < peak["standard"] < peak["torch_mha"]
+    assert (tmp_path / "bench.png").stat().st_size > 0
 
 
 def test_load_results_reads_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
