@@ -157,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             length, d_model, args.heads, args.device, getattr(torch, dtype_name), args.repeats, args.warmup,
             memory=not on_cpu,  # CUDA's allocator statistics are exact in this process
         )
-        if not on_cpu:
-            print_row(row)
+        print_row(row)  # on CPU without memory: that comes next, from the child process
         rows.append(row)
     if on_cpu:
+        print("peak memory of one forward+backward, measured in a child process:", flush=True)
         memory = cpu_memory_in_child(argv)
         for row in rows:
             row["peak_memory_mib"] = memory[(row["dtype"], row["length"], row["d_model"])]
