@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pba
-from pba.attention import merge_projections, mix_tokens, standard_from_torch
+from pba.attention import _MixTokens, merge_projections, mix_tokens, standard_from_torch
 
 D, H, L = 16, 4, 8
 
@@ -191,6 +191,10 @@ def test_mix_tokens_second_derivatives_and_vmap() -> None:
     stacked_wa, stacked_x = torch.randn(3, 5, 5), torch.randn(3, 2, 5, 4)  # replicas, as in fit_replicas
     batched = torch.func.vmap(mix_tokens)(stacked_wa, stacked_x)
     torch.testing.assert_close(batched, torch.stack([w @ x for w, x in zip(stacked_wa, stacked_x)]))
+    # Under vmap it is torch's matmul, so stacked training keeps its numbers exactly.
+    assert torch.equal(batched, torch.func.vmap(torch.matmul)(stacked_wa, stacked_x))
+    generated = torch.func.vmap(lambda w, x: _MixTokens.apply(w, x))(stacked_wa, stacked_x)  # the fallback rule
+    torch.testing.assert_close(generated, batched)
 
 
 # ------------------------------------------------------------------------------- masks
