@@ -3,21 +3,37 @@
 # the attention benchmark in float32 and bfloat16, and the full IMDB seed protocol, timed.
 # Needs the data: PBA_IMDB_DIR=/path/to/imdb-parquet (or network access to the Hub).
 # Writes results/bench-attention-cuda.json (+ .png) and results/imdb-seed-cuda.json.
+#
+# PBA_GPU_CHECK_SMOKE=1 runs the same commands shrunk (one small shape; two variants, two seeds,
+# one epoch), and PBA_GPU_CHECK_DEVICE / PBA_GPU_CHECK_OUT choose the device and the folder for
+# the files: tests/test_scripts.py runs it that way on CPU, so a typo here never costs GPU time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python benchmarks/attention_speed.py --device cuda --dtypes float32 bfloat16
+device="${PBA_GPU_CHECK_DEVICE:-cuda}"
+out="${PBA_GPU_CHECK_OUT:-results}"
+if [ "${PBA_GPU_CHECK_SMOKE:-0}" = 1 ]; then
+  bench=(--quick --max-length 32 --repeats 1 --warmup 0)
+  grid=(--seeds 2 --epochs 1 --variants standard super --workers 2)
+else
+  bench=()
+  grid=(--seeds 5 --epochs 10 --workers 4)
+fi
+if [ "$device" = cuda ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+fi
+python benchmarks/attention_speed.py --device "$device" --dtypes float32 bfloat16 "${bench[@]}" \
+    --out "$out/bench-attention-cuda.json"
 start=$(date +%s)
-# Each variant's 5 seeds train together as one batched model (fewer, larger kernel launches);
-# the 4 variants run as 4 processes sharing the GPU. Stacking is tested on CPU only: if it fails on
-# this GPU, the unstacked grid runs instead (into another file), so the device time is not lost.
-if python -m pba.experiments imdb --protocol seed --seeds 5 --epochs 10 --device cuda --threads 1 \
-    --stack-seeds true --workers 4 --out results/imdb-seed-cuda.json; then
-  echo "full seed protocol (4 variants x 5 seeds x 10 epochs, stacked) on CUDA: $(( $(date +%s) - start )) s"
+# Each variant's seeds train together as one batched model (fewer, larger kernel launches); the
+# variants run as processes sharing the GPU. If stacking fails on this GPU, the unstacked grid
+# runs instead (into another file), so the device time is not lost.
+if python -m pba.experiments imdb --protocol seed "${grid[@]}" --device "$device" --threads 1 \
+    --stack-seeds true --out "$out/imdb-seed-cuda.json"; then
+  echo "seed protocol (${grid[*]}, stacked) on $device: $(( $(date +%s) - start )) s"
 else
   echo "stacked grid failed; running the seeds one by one"
   start=$(date +%s)
-  python -m pba.experiments imdb --protocol seed --seeds 5 --epochs 10 --device cuda --threads 1 \
-      --workers 4 --out results/imdb-seed-cuda-unstacked.json
-  echo "full seed protocol (4 variants x 5 seeds x 10 epochs, unstacked) on CUDA: $(( $(date +%s) - start )) s"
+  python -m pba.experiments imdb --protocol seed "${grid[@]}" --device "$device" --threads 1 \
+      --out "$out/imdb-seed-cuda-unstacked.json"
+  echo "seed protocol (${grid[*]}, unstacked) on $device: $(( $(date +%s) - start )) s"
 fi

@@ -1,0 +1,38 @@
+"""The prepared GPU script, shrunk and run on CPU: its flags and outputs, before any GPU time is spent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_smoke_on_cpu(imdb_dir: Path, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # this interpreter's python
+        "PBA_GPU_CHECK_SMOKE": "1",
+        "PBA_GPU_CHECK_DEVICE": "cpu",
+        "PBA_GPU_CHECK_OUT": str(tmp_path),
+        "PBA_IMDB_DIR": str(imdb_dir),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "stacked) on cpu:" in done.stdout  # the stacked grid ran, not the fallback
+
+    bench = json.loads((tmp_path / "bench-attention-cuda.json").read_text())
+    assert {row["dtype"] for row in bench["rows"]} == {"float32", "bfloat16"}
+    assert bench["environment"]["device"] == "cpu"
+
+    grid = json.loads((tmp_path / "imdb-seed-cuda.json").read_text())
+    assert sorted((r["variant"], r["seed"]) for r in grid["runs"]) == [
+        ("standard", 0), ("standard", 1), ("super", 0), ("super", 1)
+    ]
+    assert all(r["stack"] == [0, 1] and r["device"] == "cpu" and len(r["history"]) == 1 for r in grid["runs"])
+    assert grid["settings"]["stack_seeds"] is True
