@@ -36,3 +36,18 @@ def test_gpu_check_smoke_on_cpu(imdb_dir: Path, tmp_path: Path) -> None:
     ]
     assert all(r["stack"] == [0, 1] and r["device"] == "cpu" and len(r["history"]) == 1 for r in grid["runs"])
     assert grid["settings"]["stack_seeds"] is True
+
+
+def test_imdb_profile_script(imdb_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.txt"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "imdb_profile.py"), "--steps", "5", "--variant", "super",
+         "--data-dir", str(imdb_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "ms per training step" in text and "aten::bmm" in text and "transposed:" in text
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_profile.py"), "--steps", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--steps must be a positive int, got 0" in bad.stderr
