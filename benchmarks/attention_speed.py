@@ -22,19 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import statistics
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 import pba
 from pba.benchmark import CONTENDERS, bench_shape, shape_memory
-from pba.experiments.imdb import _cpu_name, _git_revision
+from pba.experiments.imdb import environment as run_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_GRID = [(length, d) for length in (32, 128, 512, 2048) for d in (64, 256, 512)]
@@ -99,21 +97,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def environment(device: str) -> dict:
-    env = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "pba": pba.__version__,
-        "platform": platform.platform(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "git_revision": _git_revision(),
-    }
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name()
-    else:
-        env["cpu"] = _cpu_name()
+    """The project's run environment (versions, machine, date, git revision), plus threads."""
+    env = {**run_environment(device), "pba": pba.__version__, "threads": torch.get_num_threads()}
+    if not device.startswith("cuda"):
+        env["cpu"] = env.pop("processor")
     return env
 
 

@@ -25,14 +25,14 @@ import torch.nn.functional as F
 import pba
 from pba.data import prepare_imdb
 from pba.experiments import ImdbSettings
-from pba.experiments.imdb import _seeded_model
-from pba.train import _adam
+from pba.train import _adam, seed_everything
 
 
 def profile_steps(variant: str, settings: ImdbSettings, data_dir: str | None, steps: int) -> tuple[float, str]:
     """Milliseconds per training step, and the profiler's table for ``steps`` more steps."""
     splits = prepare_imdb(settings.protocol, data_dir=data_dir, **settings.tokenizer_overrides())
-    model = _seeded_model(variant, 0, splits, settings)
+    seed_everything(0)
+    model = settings.model(variant, len(splits.vocab), splits.train[0].shape[1])
     optimizer = _adam(list(model.parameters()), settings.lr)
     ids, labels = splits.train
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))

@@ -100,14 +100,21 @@ def peak_memory_mib(module: nn.Module, x: torch.Tensor, device: str) -> float | 
     return None if base is None or peak is None else (peak - base) / 1024
 
 
+def _contenders(
+    length: int, d_model: int, n_heads: int, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, nn.Module]]:
+    """A seeded input ``(TOKENS_PER_BATCH // length, length, d_model)`` and every contender."""
+    batch = max(1, TOKENS_PER_BATCH // length)
+    torch.manual_seed(0)
+    x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
+    return x, {name: build(name, d_model, n_heads, length, device, dtype) for name in CONTENDERS}
+
+
 def shape_memory(
     length: int, d_model: int, n_heads: int = 8, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> dict[str, float | None]:
     """Peak memory (MiB) of one forward+backward of every contender at one shape (see :func:`peak_memory_mib`)."""
-    batch = max(1, TOKENS_PER_BATCH // length)
-    torch.manual_seed(0)
-    x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
-    modules = {name: build(name, d_model, n_heads, length, device, dtype) for name in CONTENDERS}
+    x, modules = _contenders(length, d_model, n_heads, device, dtype)
     for module in modules.values():  # steady state, as after timing: gradients already allocated
         run_once(module, x, backward=True)
     return {name: peak_memory_mib(module, x, device) for name, module in modules.items()}
@@ -128,10 +135,7 @@ def bench_shape(
     ``memory=False`` leaves ``peak_memory_mib`` empty (``None`` per contender), for callers that
     measure memory elsewhere (``benchmarks/attention_speed.py`` does it in a child process on CPU).
     """
-    batch = max(1, TOKENS_PER_BATCH // length)
-    torch.manual_seed(0)
-    x = torch.randn(batch, length, d_model, device=device, dtype=dtype, requires_grad=True)
-    modules = {name: build(name, d_model, n_heads, length, device, dtype) for name in CONTENDERS}
+    x, modules = _contenders(length, d_model, n_heads, device, dtype)
     times: dict[str, dict[str, list[float]]] = {name: {"forward": [], "forward_backward": []} for name in CONTENDERS}
     for _ in range(warmup):
         for module in modules.values():
@@ -140,14 +144,15 @@ def bench_shape(
         for mode, backward in (("forward", False), ("forward_backward", True)):
             for name, module in modules.items():  # interleaved: drift hits every variant alike
                 times[name][mode].append(timed(module, x, backward, device))
-    peak = shape_memory(length, d_model, n_heads, device, dtype) if memory else dict.fromkeys(CONTENDERS)
+    # The modules are warm, so their gradients exist: the state shape_memory measures in.
+    peak = {name: peak_memory_mib(module, x, device) for name, module in modules.items()} if memory else dict.fromkeys(CONTENDERS)
     median = {name: {mode: statistics.median(v) for mode, v in t.items()} for name, t in times.items()}
     base = median["standard"]["forward_backward"]
     row = {
         "length": length,
         "d_model": d_model,
         "n_heads": n_heads,
-        "batch": batch,
+        "batch": x.shape[0],
         "dtype": str(dtype).replace("torch.", ""),
         "median_seconds": median,
         "peak_memory_mib": peak,
