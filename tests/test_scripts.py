@@ -51,3 +51,25 @@ def test_imdb_profile_script(imdb_dir: Path, tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_profile.py"), "--steps", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--steps must be a positive int, got 0" in bad.stderr
+
+
+def test_imdb_floor_script(tmp_path: Path) -> None:
+    out = tmp_path / "floor.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "imdb_floor.py"), "--rounds", "1", "--reps", "3",
+         "--variants", "efficient", "super", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert list(result["variants"]) == ["efficient", "super"]
+    efficient, super_ = result["variants"]["efficient"], result["variants"]["super"]
+    assert "W^A token mixing" in super_["kernels_ms"] and "W^A token mixing" not in efficient["kernels_ms"]
+    for row in (efficient, super_):
+        assert row["floor_ms"] == sum(row["kernels_ms"].values())
+        assert 0 < row["floor_ms"] < row["pba_step_ms"]  # the step runs every kernel of the floor and more
+    assert result["protocol_minutes"]["floor"] < result["protocol_minutes"]["pba_steps"]
+    assert result["text"] in done.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_floor.py"), "--reps", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--reps must be a positive int, got 0" in bad.stderr
