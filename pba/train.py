@@ -12,7 +12,7 @@ import copy
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -46,6 +46,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: How a training step computes its gradients (see :class:`TrainConfig`).
+ENGINES = ("autograd", "fused")
+
+
 @dataclass
 class TrainConfig:
     """The training protocol (defaults: the paper's IMDB setting).
@@ -55,6 +59,11 @@ class TrainConfig:
             one half; the reference's ``0.5`` (probability 0.62) was a bug, kept as an ablation.
         num_threads: CPU threads for this run (``None`` leaves torch's setting). Results are
             bit-identical for the same seed and thread count.
+        engine: ``"autograd"`` (default): the model's forward and PyTorch's backward.
+            ``"fused"``: :class:`pba.fused.FusedIMDBStep`, the same loss and gradients in one
+            hand-written C++ call (CPU, :class:`~pba.models.IMDBClassifier` only; its dropout
+            masks come from its own generator, so its numbers differ from autograd's as another
+            seed's would). The optimiser is the same plain Adam either way.
     """
 
     epochs: int = 10
@@ -65,8 +74,11 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = True
     eval_batch_size: int = 2048
+    engine: str = "autograd"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -107,15 +119,25 @@ def _adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, ids: Tensor, labels: Tensor, *, threshold: float = 0.0, batch_size: int = 2048
+    model: nn.Module,
+    ids: Tensor,
+    labels: Tensor,
+    *,
+    threshold: float = 0.0,
+    batch_size: int = 2048,
+    logits_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[float, float]:
-    """Mean binary cross-entropy and accuracy (``logit > threshold``) in eval mode."""
+    """Mean binary cross-entropy and accuracy (``logit > threshold``) in eval mode.
+
+    ``logits_fn`` computes the logits of a batch instead of ``model`` (the fused engine's forward).
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=ids.device)
     correct = torch.zeros((), dtype=torch.int64, device=ids.device)
     for start in range(0, len(labels), batch_size):
-        logits = model(ids[start : start + batch_size])
+        batch = ids[start : start + batch_size]
+        logits = model(batch) if logits_fn is None else logits_fn(batch)
         target = labels[start : start + batch_size]
         loss_sum += F.binary_cross_entropy_with_logits(logits, target, reduction="sum").double()
         correct += ((logits > threshold) == (target > 0.5)).sum()
@@ -149,7 +171,15 @@ def fit(
     val_ids, val_y = (t.to(device) for t in val)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
-    optimizer = _adam(list(model.parameters()), config.lr)
+    fused = None
+    if config.engine == "fused":
+        from .fused import FusedAdam, FusedIMDBStep
+
+        fused = FusedIMDBStep(model, seed=seed)  # type: ignore[arg-type]
+        optimizer: torch.optim.Optimizer | FusedAdam = FusedAdam(fused, lr=config.lr)
+    else:
+        optimizer = _adam(list(model.parameters()), config.lr)
+    logits_fn = None if fused is None else fused.logits
 
     from tqdm.auto import tqdm
 
@@ -165,16 +195,19 @@ def fit(
         for begin in range(0, n, config.batch_size):
             batch = order[begin : begin + config.batch_size]
             ids, target = train_ids[batch], train_y[batch]
-            logits = model(ids)
-            loss = F.binary_cross_entropy_with_logits(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if fused is not None:
+                loss, logits = fused.step(ids, target)  # gradients written into each .grad
+            else:
+                logits = model(ids)
+                loss = F.binary_cross_entropy_with_logits(logits, target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             optimizer.step()
             with torch.no_grad():
                 loss_sum += loss.double() * len(batch)
                 correct += ((logits > config.threshold) == (target > 0.5)).sum()
         val_loss, val_acc = evaluate(
-            model, val_ids, val_y, threshold=config.threshold, batch_size=config.eval_batch_size
+            model, val_ids, val_y, threshold=config.threshold, batch_size=config.eval_batch_size, logits_fn=logits_fn
         )
         history.append(
             {
@@ -196,7 +229,7 @@ def fit(
     if test is not None:
         test_ids, test_y = (t.to(device) for t in test)
         test_loss, test_acc = evaluate(
-            model, test_ids, test_y, threshold=config.threshold, batch_size=config.eval_batch_size
+            model, test_ids, test_y, threshold=config.threshold, batch_size=config.eval_batch_size, logits_fn=logits_fn
         )
     return RunResult(
         history=history,
@@ -283,6 +316,8 @@ def fit_replicas(
     models, seeds = list(models), [int(s) for s in seeds]
     _check_replicas(models, seeds)
     config = config or TrainConfig()
+    if config.engine != "autograd":
+        raise ValueError(f"fit_replicas stacks replicas with torch.func and needs engine='autograd', got {config.engine!r}")
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)

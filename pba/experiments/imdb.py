@@ -58,6 +58,7 @@ class ImdbSettings:
     truncation: str | None = None  # None: the protocol's own
     threshold: float = 0.0
     stack_seeds: bool = False  # train a variant's seeds together (pba.train.fit_replicas)
+    engine: str = "autograd"  # or "fused": pba.fused.FusedIMDBStep (CPU; see pba.train.TrainConfig)
 
     @classmethod
     def with_quirks(cls, **overrides: object) -> ImdbSettings:
@@ -198,6 +199,7 @@ def _prepare(
         device=device,
         num_threads=num_threads,
         progress=progress,
+        engine=settings.engine,
     )
 
 

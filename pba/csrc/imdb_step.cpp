@@ -1,0 +1,823 @@
+// One training step of pba.models.IMDBClassifier (one encoder block) on the CPU, forward and
+// backward written out by hand, in the manner of llm.c: the PyTorch model is the specification,
+// this file is a faster way to compute the same function and its gradient.
+//
+// Layout: tokens n = b * L + l, rows of width d; head h owns columns [h * dk, (h + 1) * dk).
+// The learned products (W^Q, W^K, W^V, W^O, the FFN) go to ATen's mm (MKL); the attention core of
+// every (review, head) pair, the layer norms, dropout, pooling, the head and the loss are loops
+// over data that fits in the L1 cache. Gradients are written into the tensors in `grads`.
+//
+// Dropout draws one 32-bit hash per element from (seed, step, site, index): counter-based, so a
+// step's masks depend on nothing but those numbers.
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+enum Variant : int64_t { kStandard = 0, kOptimised = 1, kEfficient = 2, kSuper = 3 };
+constexpr int64_t kMaxLength = 512;  // longest input (stack buffers of the attention core)
+constexpr int64_t kMaxHead = 512;    // widest head
+
+// ---------------------------------------------------------------------------------- helpers
+inline float fast_exp(float x) {
+  // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n * p(r), |rel. error| < 2e-7.
+  x = std::max(x, -87.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ULL;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+inline uint32_t hash32(uint32_t x) {  // "lowbias32" (Wellons): a well-mixed 32-bit permutation
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// Maximum and sum of n floats in 8 lanes, so that the compiler can vectorise them without
+// -ffast-math (which would also let it drop the infinities that masking relies on).
+inline float lane_max(const float* __restrict__ x, int64_t n) {
+  float acc[8];
+  for (int t = 0; t < 8; ++t) acc[t] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int t = 0; t < 8; ++t) acc[t] = acc[t] > x[j + t] ? acc[t] : x[j + t];
+  float m = -INFINITY;
+  for (int t = 0; t < 8; ++t) m = std::max(m, acc[t]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+inline float lane_sum(const float* __restrict__ x, int64_t n) {
+  float acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int t = 0; t < 8; ++t) acc[t] += x[j + t];
+  float total = 0.0f;
+  for (int t = 0; t < 8; ++t) total += acc[t];
+  for (; j < n; ++j) total += x[j];
+  return total;
+}
+
+inline float lane_dot(const float* __restrict__ x, const float* __restrict__ y, int64_t n) {
+  float acc[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int t = 0; t < 8; ++t) acc[t] += x[j + t] * y[j + t];
+  float total = 0.0f;
+  for (int t = 0; t < 8; ++t) total += acc[t];
+  for (; j < n; ++j) total += x[j] * y[j];
+  return total;
+}
+
+// Eight floats as one value (GCC/Clang vector extensions: AVX on x86, pairs of NEON registers on
+// ARM). The attention core uses them where the length and the head width are multiples of 8.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
+
+inline v8f splat8(float x) { return v8f{} + x; }
+
+inline float hmax8(v8f v) {
+  float m = v[0];
+  for (int t = 1; t < 8; ++t) m = std::max(m, v[t]);
+  return m;
+}
+
+inline float hsum8(v8f v) {
+  float total = 0.0f;
+  for (int t = 0; t < 8; ++t) total += v[t];
+  return total;
+}
+
+inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }
+
+inline v8f exp8(v8f x) {  // fast_exp on eight lanes
+  x = max8(x, splat8(-87.0f));
+  const v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const v8f r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  v8f p = splat8(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// scale[i] = keep / (1 - p) for the i-th element of a dropout site: 0 with probability p.
+void dropout_scales(float* out, int64_t count, double p, uint64_t seed, int64_t step, int site) {
+  if (p <= 0.0) {
+    std::fill(out, out + count, 1.0f);
+    return;
+  }
+  const uint64_t key = splitmix64(splitmix64(seed) ^ (static_cast<uint64_t>(step) * 8 + site));
+  const uint32_t key_lo = static_cast<uint32_t>(key), key_hi = static_cast<uint32_t>(key >> 32);
+  const uint32_t threshold = static_cast<uint32_t>(std::llround(p * 4294967296.0));
+  const float kept = static_cast<float>(1.0 / (1.0 - p));
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t u = hash32(hash32(static_cast<uint32_t>(i) ^ key_lo) + key_hi);
+    out[i] = u >= threshold ? kept : 0.0f;
+  }
+}
+
+// y = LayerNorm(r) with saved xhat and rstd per row.
+void layer_norm_forward(const float* __restrict__ r, const float* __restrict__ gamma,
+                        const float* __restrict__ beta, float* __restrict__ y, float* __restrict__ xhat,
+                        float* __restrict__ rstd, int64_t rows, int64_t d, float eps) {
+  std::vector<float> centred(d);
+  for (int64_t n = 0; n < rows; ++n) {
+    const float* x = r + n * d;
+    const float mean = lane_sum(x, d) / static_cast<float>(d);
+    for (int64_t c = 0; c < d; ++c) centred[c] = x[c] - mean;
+    const float var = lane_dot(centred.data(), centred.data(), d) / static_cast<float>(d);
+    const float s = 1.0f / std::sqrt(var + eps);
+    rstd[n] = s;
+    for (int64_t c = 0; c < d; ++c) {
+      const float h = centred[c] * s;
+      xhat[n * d + c] = h;
+      y[n * d + c] = h * gamma[c] + beta[c];
+    }
+  }
+}
+
+// dr = LayerNorm backward of dy; accumulates dgamma, dbeta.
+void layer_norm_backward(const float* __restrict__ dy, const float* __restrict__ xhat,
+                         const float* __restrict__ rstd, const float* __restrict__ gamma, float* __restrict__ dr,
+                         float* __restrict__ dgamma, float* __restrict__ dbeta, int64_t rows, int64_t d) {
+  std::vector<float> g(d);
+  for (int64_t n = 0; n < rows; ++n) {
+    const float* dyn = dy + n * d;
+    const float* h = xhat + n * d;
+    for (int64_t c = 0; c < d; ++c) {
+      dgamma[c] += dyn[c] * h[c];
+      dbeta[c] += dyn[c];
+      g[c] = dyn[c] * gamma[c];
+    }
+    const float mean_g = lane_sum(g.data(), d) / static_cast<float>(d);
+    const float mean_gh = lane_dot(g.data(), h, d) / static_cast<float>(d);
+    for (int64_t c = 0; c < d; ++c) dr[n * d + c] = rstd[n] * (g[c] - mean_g - h[c] * mean_gh);
+  }
+}
+
+float* fp(const Tensor& t) { return t.data_ptr<float>(); }
+
+struct Shapes {
+  int64_t B, L, d, h, dk, N;
+};
+
+// The attention core of one (review, head): probabilities P (L x L, P[i][j] = weight of query i
+// on key j) and the head's output columns of `out`. DK is the head width when known at compile
+// time (then the loops over it unroll into single vector operations), 0 to read it from `s`.
+template <int DK>
+void attention_forward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                       const bool* allowed, bool over_queries, float scale, float* __restrict__ P,
+                       float* __restrict__ out, const Shapes& s, float* __restrict__ kT) {
+  const int64_t L = s.L, d = s.d, dk = DK > 0 ? DK : s.dk;
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < dk; ++c) kT[c * L + j] = k[j * d + c];
+  for (int64_t i = 0; i < L; ++i) {  // S[i][:] = scale * sum_c Q[i][c] K^T[c][:]
+    float* __restrict__ row = P + i * L;
+    for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
+    for (int64_t c = 0; c < dk; ++c) {
+      const float qc = q[i * d + c] * scale;
+      const float* __restrict__ kc = kT + c * L;
+      for (int64_t j = 0; j < L; ++j) row[j] += qc * kc[j];
+    }
+  }
+  // keep[j] = 1 for a key that may be read, 0 for padding; bar[j] = 0 or -inf likewise
+  float keep[kMaxLength], bar[kMaxLength];
+  for (int64_t j = 0; j < L; ++j) {
+    keep[j] = allowed[j] ? 1.0f : 0.0f;
+    bar[j] = allowed[j] ? 0.0f : -INFINITY;
+  }
+  if (!over_queries) {  // softmax over keys: each row
+    for (int64_t i = 0; i < L; ++i) {
+      float* __restrict__ row = P + i * L;
+      for (int64_t j = 0; j < L; ++j) row[j] += bar[j];
+      const float m = lane_max(row, L);
+      if (m == -INFINITY) {  // no key to read: all-zero weights
+        for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
+        continue;
+      }
+      for (int64_t j = 0; j < L; ++j) row[j] = fast_exp(row[j] - m) * keep[j];
+      const float inv = 1.0f / lane_sum(row, L);
+      for (int64_t j = 0; j < L; ++j) row[j] *= inv;
+    }
+  } else {  // softmax over queries: each column; a padded key's column is all zero
+    float m[kMaxLength], sum[kMaxLength];
+    for (int64_t j = 0; j < L; ++j) {
+      m[j] = -INFINITY;
+      sum[j] = 0.0f;
+    }
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; ++j) m[j] = m[j] > P[i * L + j] ? m[j] : P[i * L + j];
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; ++j) {
+        const float e = fast_exp(P[i * L + j] - m[j]) * keep[j];
+        P[i * L + j] = e;
+        sum[j] += e;
+      }
+    for (int64_t j = 0; j < L; ++j) sum[j] = allowed[j] ? 1.0f / sum[j] : 0.0f;  // an allowed sum is >= 1
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; ++j) P[i * L + j] *= sum[j];
+  }
+  for (int64_t i = 0; i < L; ++i) {  // O[i] = sum_j P[i][j] V[j]
+    float acc[DK > 0 ? DK : kMaxHead] = {};
+    for (int64_t j = 0; j < L; ++j) {
+      const float pij = P[i * L + j];
+      const float* __restrict__ vj = v + j * d;
+      for (int64_t c = 0; c < dk; ++c) acc[c] += pij * vj[c];
+    }
+    for (int64_t c = 0; c < dk; ++c) out[i * d + c] = acc[c];
+  }
+}
+
+// Gradients of one (review, head): dq, dk, dv (written, not accumulated) from d_out.
+template <int DK>
+void attention_backward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                        const float* __restrict__ P, const float* __restrict__ d_out, bool over_queries, float scale,
+                        float* __restrict__ dq, float* __restrict__ dkey, float* __restrict__ dv, const Shapes& s,
+                        float* __restrict__ vT, float* __restrict__ dS) {
+  const int64_t L = s.L, d = s.d, dk = DK > 0 ? DK : s.dk;
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < dk; ++c) vT[c * L + j] = v[j * d + c];
+  for (int64_t i = 0; i < L; ++i) {  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
+    float* __restrict__ row = dS + i * L;
+    for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
+    for (int64_t c = 0; c < dk; ++c) {
+      const float g = d_out[i * d + c];
+      const float* __restrict__ vc = vT + c * L;
+      for (int64_t j = 0; j < L; ++j) row[j] += g * vc[j];
+    }
+  }
+  for (int64_t j = 0; j < L; ++j) {  // dV[j] = sum_i P[i][j] dO[i]
+    float acc[DK > 0 ? DK : kMaxHead] = {};
+    for (int64_t i = 0; i < L; ++i) {
+      const float pij = P[i * L + j];
+      const float* __restrict__ g = d_out + i * d;
+      for (int64_t c = 0; c < dk; ++c) acc[c] += pij * g[c];
+    }
+    for (int64_t c = 0; c < dk; ++c) dv[j * d + c] = acc[c];
+  }
+  if (!over_queries) {  // dS = P * (dP - rowsum(P * dP)), times the score scale
+    for (int64_t i = 0; i < L; ++i) {
+      const float dot = lane_dot(P + i * L, dS + i * L, L);
+      for (int64_t j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (dS[i * L + j] - dot) * scale;
+    }
+  } else {  // the same down each column
+    float dot[kMaxLength];
+    for (int64_t j = 0; j < L; ++j) dot[j] = 0.0f;
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; ++j) dot[j] += P[i * L + j] * dS[i * L + j];
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (dS[i * L + j] - dot[j]) * scale;
+  }
+  for (int64_t i = 0; i < L; ++i) {  // dQ[i] = sum_j dS[i][j] K[j]
+    float acc[DK > 0 ? DK : kMaxHead] = {};
+    for (int64_t j = 0; j < L; ++j) {
+      const float g = dS[i * L + j];
+      const float* __restrict__ kj = k + j * d;
+      for (int64_t c = 0; c < dk; ++c) acc[c] += g * kj[c];
+    }
+    for (int64_t c = 0; c < dk; ++c) dq[i * d + c] = acc[c];
+  }
+  for (int64_t j = 0; j < L; ++j) {  // dK[j] = sum_i dS[i][j] Q[i]
+    float acc[DK > 0 ? DK : kMaxHead] = {};
+    for (int64_t i = 0; i < L; ++i) {
+      const float g = dS[i * L + j];
+      const float* __restrict__ qi = q + i * d;
+      for (int64_t c = 0; c < dk; ++c) acc[c] += g * qi[c];
+    }
+    for (int64_t c = 0; c < dk; ++c) dkey[j * d + c] = acc[c];
+  }
+}
+
+// sum over t < n (n a multiple of 4) of a[t * a_stride] * X[t * x_stride : + 8], in four
+// independent accumulators so that consecutive multiply-adds need not wait for each other.
+inline v8f weighted_rows8(const float* __restrict__ a, int64_t a_stride, const float* __restrict__ x,
+                          int64_t x_stride, int64_t n) {
+  v8f acc0{}, acc1{}, acc2{}, acc3{};
+  for (int64_t t = 0; t < n; t += 4) {
+    acc0 += a[t * a_stride] * load8(x + t * x_stride);
+    acc1 += a[(t + 1) * a_stride] * load8(x + (t + 1) * x_stride);
+    acc2 += a[(t + 2) * a_stride] * load8(x + (t + 2) * x_stride);
+    acc3 += a[(t + 3) * a_stride] * load8(x + (t + 3) * x_stride);
+  }
+  return (acc0 + acc1) + (acc2 + acc3);
+}
+
+// The same two functions with every loop over keys, queries or head columns eight lanes wide;
+// for L and DK multiples of 8.
+template <int DK>
+void attention_forward_v8(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                          const bool* allowed, bool over_queries, float scale, float* __restrict__ P,
+                          float* __restrict__ out, const Shapes& s, float* __restrict__ kT) {
+  static_assert(DK % 8 == 0 && DK > 0, "head width in lanes of 8");
+  const int64_t L = s.L, d = s.d;
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < DK; ++c) kT[c * L + j] = k[j * d + c];
+  float keep[kMaxLength], bar[kMaxLength];
+  for (int64_t j = 0; j < L; ++j) {
+    keep[j] = allowed[j] ? 1.0f : 0.0f;
+    bar[j] = allowed[j] ? 0.0f : -INFINITY;
+  }
+  for (int64_t i = 0; i < L; ++i) {  // S[i][:] = scale * sum_c Q[i][c] K^T[c][:]  (+ bar when over keys)
+    for (int64_t j = 0; j < L; j += 8) {
+      v8f acc = over_queries ? v8f{} : load8(bar + j);
+      for (int64_t c = 0; c < DK; ++c) acc += (q[i * d + c] * scale) * load8(kT + c * L + j);
+      store8(P + i * L + j, acc);
+    }
+  }
+  if (!over_queries) {  // softmax over keys: each row
+    for (int64_t i = 0; i < L; ++i) {
+      float* row = P + i * L;
+      v8f m8 = splat8(-INFINITY);
+      for (int64_t j = 0; j < L; j += 8) m8 = max8(m8, load8(row + j));
+      const float m = hmax8(m8);
+      if (m == -INFINITY) {  // no key to read: all-zero weights
+        for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
+        continue;
+      }
+      v8f sum8{};
+      for (int64_t j = 0; j < L; j += 8) {
+        const v8f e = exp8(load8(row + j) - m) * load8(keep + j);
+        store8(row + j, e);
+        sum8 += e;
+      }
+      const float inv = 1.0f / hsum8(sum8);
+      for (int64_t j = 0; j < L; j += 8) store8(row + j, load8(row + j) * inv);
+    }
+  } else {  // softmax over queries: each column; a padded key's column is all zero
+    float m[kMaxLength], sum[kMaxLength];
+    for (int64_t j = 0; j < L; j += 8) {
+      v8f m8 = splat8(-INFINITY);
+      for (int64_t i = 0; i < L; ++i) m8 = max8(m8, load8(P + i * L + j));
+      store8(m + j, m8);
+      v8f sum8{};
+      for (int64_t i = 0; i < L; ++i) {
+        const v8f e = exp8(load8(P + i * L + j) - m8) * load8(keep + j);
+        store8(P + i * L + j, e);
+        sum8 += e;
+      }
+      store8(sum + j, sum8);
+    }
+    for (int64_t j = 0; j < L; ++j) sum[j] = allowed[j] ? 1.0f / sum[j] : 0.0f;  // an allowed sum is >= 1
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t j = 0; j < L; j += 8) store8(P + i * L + j, load8(P + i * L + j) * load8(sum + j));
+  }
+  for (int64_t i = 0; i < L; ++i) {  // O[i] = sum_j P[i][j] V[j]
+    for (int64_t c = 0; c < DK; c += 8) {
+      store8(out + i * d + c, weighted_rows8(P + i * L, 1, v + c, d, L));
+    }
+  }
+}
+
+template <int DK>
+void attention_backward_v8(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                           const float* __restrict__ P, const float* __restrict__ d_out, bool over_queries,
+                           float scale, float* __restrict__ dq, float* __restrict__ dkey, float* __restrict__ dv,
+                           const Shapes& s, float* __restrict__ vT, float* __restrict__ dS) {
+  static_assert(DK % 8 == 0 && DK > 0, "head width in lanes of 8");
+  const int64_t L = s.L, d = s.d;
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < DK; ++c) vT[c * L + j] = v[j * d + c];
+  for (int64_t i = 0; i < L; ++i)  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
+    for (int64_t j = 0; j < L; j += 8) {
+      v8f acc{};
+      for (int64_t c = 0; c < DK; ++c) acc += d_out[i * d + c] * load8(vT + c * L + j);
+      store8(dS + i * L + j, acc);
+    }
+  for (int64_t j = 0; j < L; ++j)  // dV[j] = sum_i P[i][j] dO[i]
+    for (int64_t c = 0; c < DK; c += 8) {
+      store8(dv + j * d + c, weighted_rows8(P + j, L, d_out + c, d, L));
+    }
+  if (!over_queries) {  // dS = P * (dP - rowsum(P * dP)), times the score scale
+    for (int64_t i = 0; i < L; ++i) {
+      v8f dot8{};
+      for (int64_t j = 0; j < L; j += 8) dot8 += load8(P + i * L + j) * load8(dS + i * L + j);
+      const float dot = hsum8(dot8);
+      for (int64_t j = 0; j < L; j += 8)
+        store8(dS + i * L + j, load8(P + i * L + j) * (load8(dS + i * L + j) - dot) * scale);
+    }
+  } else {  // the same down each column
+    for (int64_t j = 0; j < L; j += 8) {
+      v8f dot8{};
+      for (int64_t i = 0; i < L; ++i) dot8 += load8(P + i * L + j) * load8(dS + i * L + j);
+      for (int64_t i = 0; i < L; ++i)
+        store8(dS + i * L + j, load8(P + i * L + j) * (load8(dS + i * L + j) - dot8) * scale);
+    }
+  }
+  for (int64_t i = 0; i < L; ++i)  // dQ[i] = sum_j dS[i][j] K[j]
+    for (int64_t c = 0; c < DK; c += 8) {
+      store8(dq + i * d + c, weighted_rows8(dS + i * L, 1, k + c, d, L));
+    }
+  for (int64_t j = 0; j < L; ++j)  // dK[j] = sum_i dS[i][j] Q[i]
+    for (int64_t c = 0; c < DK; c += 8) {
+      store8(dkey + j * d + c, weighted_rows8(dS + j, L, q + c, d, L));
+    }
+}
+
+// Calls the attention core with the head width as a compile-time constant where it is a common
+// one, eight lanes wide where the length allows.
+template <template <int, bool> class F, typename... Args>
+void with_head_width(int64_t dk, int64_t length, Args&&... args) {
+  const bool lanes = length % 8 == 0;
+  switch (dk) {
+    case 8: lanes ? F<8, true>::run(std::forward<Args>(args)...) : F<8, false>::run(std::forward<Args>(args)...); break;
+    case 16: lanes ? F<16, true>::run(std::forward<Args>(args)...) : F<16, false>::run(std::forward<Args>(args)...); break;
+    case 32: lanes ? F<32, true>::run(std::forward<Args>(args)...) : F<32, false>::run(std::forward<Args>(args)...); break;
+    default: F<0, false>::run(std::forward<Args>(args)...);
+  }
+}
+
+template <int DK, bool Lanes>
+struct AttentionForward {
+  template <typename... Args>
+  static void run(Args&&... args) {
+    if constexpr (Lanes) attention_forward_v8<DK>(std::forward<Args>(args)...);
+    else attention_forward<DK>(std::forward<Args>(args)...);
+  }
+};
+
+template <int DK, bool Lanes>
+struct AttentionBackward {
+  template <typename... Args>
+  static void run(Args&&... args) {
+    if constexpr (Lanes) attention_backward_v8<DK>(std::forward<Args>(args)...);
+    else attention_backward<DK>(std::forward<Args>(args)...);
+  }
+};
+
+// x W^T + b through MKL's product, the bias added in a loop (addmm would first copy the
+// broadcast bias into the output, which costs more than the loop here).
+Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  Tensor y = at::mm(x, weight.t());
+  float* out = y.data_ptr<float>();
+  const float* b = bias.data_ptr<float>();
+  const int64_t rows = y.size(0), cols = y.size(1);
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t c = 0; c < cols; ++c) out[n * cols + c] += b[c];
+  return y;
+}
+
+// out = a * b elementwise, over n floats
+void multiply(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
+}
+
+}  // namespace
+
+// params (in this order, empty tensors where the variant has none):
+//  0 token embedding (V, d)   1 position embedding (Lmax, d)
+//  2 W^Q  3 b^Q  4 W^K  5 b^K  6 W^V  7 b^V  8 W^O  9 b^O  10 W^A (Lmax, Lmax)  11 W^A bias (Lmax)
+//  12 FFN W1  13 b1  14 FFN W2  15 b2  16 LN1 gamma  17 LN1 beta  18 LN2 gamma  19 LN2 beta
+//  20 head W1 (6, d)  21 head b1  22 head W2 (1, 6)  23 head b2
+// Returns {loss (mean BCE), logits (B)}; with want_masks also the four dropout scale tensors.
+// With backward = false: the logits alone (no labels, no gradients), for evaluation.
+std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, const Tensor& labels,
+                               const std::vector<Tensor>& params,
+                               std::vector<Tensor> grads, int64_t variant, int64_t n_heads,
+                               bool over_queries, bool padding_mask, bool masked_pooling, int64_t pad_id,
+                               double ln_eps, double dropout_p, int64_t seed, int64_t step, bool want_masks,
+                               bool backward) {
+  TORCH_CHECK(ids.dim() == 2 && ids.scalar_type() == at::kLong && ids.is_contiguous(), "ids: contiguous int64 (B, L)");
+  TORCH_CHECK(previous_ids.scalar_type() == at::kLong && previous_ids.is_contiguous(), "previous_ids: contiguous int64");
+  TORCH_CHECK(!backward || (labels.dim() == 1 && labels.size(0) == ids.size(0) &&
+                            labels.scalar_type() == at::kFloat && labels.is_contiguous()),
+              "labels: contiguous float32 (B,)");
+  TORCH_CHECK(params.size() == 24 && grads.size() == 24, "24 parameter and gradient slots");
+  TORCH_CHECK(variant >= kStandard && variant <= kSuper, "variant: 0..3");
+  Shapes s;
+  s.B = ids.size(0);
+  s.L = ids.size(1);
+  s.d = params[0].size(1);
+  s.h = n_heads;
+  s.dk = s.d / n_heads;
+  s.N = s.B * s.L;
+  const int64_t B = s.B, L = s.L, d = s.d, N = s.N, V = params[0].size(0);
+  TORCH_CHECK(L <= params[1].size(0) && L <= kMaxLength, "ids longer than the position table");
+  TORCH_CHECK(n_heads > 0 && s.d % n_heads == 0 && s.dk <= kMaxHead, "n_heads must divide d_model");
+  const bool learns_keys = variant == kStandard || variant == kOptimised;
+  const bool learns_values = variant == kStandard;
+  const bool is_super = variant == kSuper;
+  const bool wa_bias = is_super && params[11].numel() > 0;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.dk));
+  const float eps = static_cast<float>(ln_eps);
+  const auto opts = params[0].options();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* y = backward ? labels.data_ptr<float>() : nullptr;
+  // Gradients are overwritten, except the token embedding's: it is zero outside the rows that
+  // the previous step wrote (`previous_ids`), so only those are cleared.
+  if (backward) {
+    for (size_t i = 1; i < grads.size(); ++i)
+      if (grads[i].numel() > 0) grads[i].zero_();
+    float* dE = fp(grads[0]);
+    const int64_t* prev = previous_ids.data_ptr<int64_t>();
+    for (int64_t n = 0; n < previous_ids.numel(); ++n) std::fill(dE + prev[n] * d, dE + (prev[n] + 1) * d, 0.0f);
+  }
+
+  // ------------------------------------------------------------------ forward
+  std::vector<uint8_t> real(N);
+  for (int64_t n = 0; n < N; ++n) {
+    TORCH_CHECK(id[n] >= 0 && id[n] < V, "token id out of range");
+    real[n] = id[n] != pad_id;
+  }
+  Tensor x0 = at::empty({N, d}, opts);
+  {
+    const float* E = fp(params[0]);
+    const float* P = fp(params[1]);
+    float* x = fp(x0);
+    for (int64_t n = 0; n < N; ++n) {
+      const float* e = E + id[n] * d;
+      const float* p = P + (n % L) * d;
+      for (int64_t c = 0; c < d; ++c) x[n * d + c] = e[c] + p[c];
+    }
+  }
+  Tensor q = linear(x0, params[2], params[3]);
+  Tensor k = learns_keys ? linear(x0, params[4], params[5]) : x0;
+  Tensor xm;  // super: the value input with padded rows zeroed
+  Tensor v;
+  if (learns_values) {
+    v = linear(x0, params[6], params[7]);
+  } else if (!is_super) {
+    v = x0;
+  } else {
+    // V = W^A Xm (+ a bias per row) for every review in one product, with tokens as rows
+    Tensor xm3 = x0.view({B, L, d});
+    if (padding_mask) xm3 = xm3.masked_fill(ids.eq(pad_id).unsqueeze(-1), 0.0);
+    xm = xm3.transpose(0, 1).reshape({L, B * d});  // (L, B*d): row j holds token j of every review
+    const Tensor wa = params[10].narrow(0, 0, L).narrow(1, 0, L);
+    Tensor mixed = wa_bias ? at::addmm(params[11].narrow(0, 0, L).unsqueeze(1), wa, xm) : at::mm(wa, xm);
+    v = mixed.view({L, B, d}).transpose(0, 1).contiguous().view({N, d});
+  }
+  const int64_t ldq = q.size(1), ldk = k.size(1), ldv = v.size(1);
+  TORCH_CHECK(ldq == d && ldk == d && ldv == d, "q, k, v rows of width d_model");
+  Tensor probs = at::empty({B, s.h, L, L}, opts);
+  Tensor heads = at::empty({N, d}, opts);
+  std::vector<float> scratch(std::max<int64_t>(s.dk * L, L * L));
+  std::vector<uint8_t> allowed_bytes(L);
+  bool* allowed = reinterpret_cast<bool*>(allowed_bytes.data());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < L; ++j) allowed[j] = !padding_mask || real[b * L + j];
+    for (int64_t hh = 0; hh < s.h; ++hh)
+      with_head_width<AttentionForward>(
+          s.dk, L, fp(q) + b * L * d + hh * s.dk, fp(k) + b * L * d + hh * s.dk, fp(v) + b * L * d + hh * s.dk,
+          allowed, over_queries, scale, fp(probs) + (b * s.h + hh) * L * L, fp(heads) + b * L * d + hh * s.dk, s,
+          scratch.data());
+  }
+  Tensor att = linear(heads, params[8], params[9]);
+  Tensor m1 = at::empty({N, d}, opts), m2 = at::empty({N, d}, opts);
+  Tensor m3 = at::empty({B, d}, opts), m4 = at::empty({B, params[20].size(0)}, opts);
+  dropout_scales(fp(m1), N * d, dropout_p, seed, step, 0);
+  dropout_scales(fp(m2), N * d, dropout_p, seed, step, 1);
+  dropout_scales(fp(m3), B * d, dropout_p, seed, step, 2);
+  dropout_scales(fp(m4), m4.numel(), dropout_p, seed, step, 3);
+  Tensor r1 = at::empty({N, d}, opts);
+  {
+    float* r = fp(r1);
+    const float *x = fp(x0), *a = fp(att), *m = fp(m1);
+    for (int64_t i = 0; i < N * d; ++i) r[i] = x[i] + a[i] * m[i];
+  }
+  Tensor z = at::empty({N, d}, opts), xhat1 = at::empty({N, d}, opts), rstd1 = at::empty({N}, opts);
+  layer_norm_forward(fp(r1), fp(params[16]), fp(params[17]), fp(z), fp(xhat1), fp(rstd1), N, d, eps);
+  Tensor f1 = linear(z, params[12], params[13]);
+  Tensor a1 = at::empty_like(f1);
+  {
+    const float* f = fp(f1);
+    float* a = fp(a1);
+    for (int64_t i = 0; i < f1.numel(); ++i) a[i] = std::max(f[i], 0.0f);
+  }
+  Tensor f2 = linear(a1, params[14], params[15]);
+  Tensor r2 = at::empty({N, d}, opts);
+  {
+    float* r = fp(r2);
+    const float *x = fp(z), *a = fp(f2), *m = fp(m2);
+    for (int64_t i = 0; i < N * d; ++i) r[i] = x[i] + a[i] * m[i];
+  }
+  Tensor x1 = at::empty({N, d}, opts), xhat2 = at::empty({N, d}, opts), rstd2 = at::empty({N}, opts);
+  layer_norm_forward(fp(r2), fp(params[18]), fp(params[19]), fp(x1), fp(xhat2), fp(rstd2), N, d, eps);
+  // pooling weights: 1/L each, or 1/count over real tokens
+  std::vector<float> pool_w(N);
+  for (int64_t b = 0; b < B; ++b) {
+    float count = 0.0f;
+    for (int64_t l = 0; l < L; ++l) count += real[b * L + l];
+    for (int64_t l = 0; l < L; ++l)
+      pool_w[b * L + l] = masked_pooling ? (real[b * L + l] ? 1.0f / std::max(count, 1.0f) : 0.0f)
+                                         : 1.0f / static_cast<float>(L);
+  }
+  const int64_t hidden = params[20].size(0);
+  Tensor hin = at::zeros({B, d}, opts);
+  {
+    float* p = fp(hin);
+    const float* x = fp(x1);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < d; ++c) p[(n / L) * d + c] += pool_w[n] * x[n * d + c];
+    const float* m = fp(m3);
+    for (int64_t i = 0; i < B * d; ++i) p[i] *= m[i];
+  }
+  Tensor g = at::addmm(params[21], hin, params[20].t());  // (B, hidden)
+  Tensor ha = at::relu(g).mul_(m4);
+  Tensor logits = at::addmm(params[23], ha, params[22].t()).view({B});
+  if (!backward) return {logits};
+  double loss = 0.0;
+  Tensor dlogit = at::empty({B, 1}, opts);
+  {
+    const float* x = fp(logits);
+    float* dl = fp(dlogit);
+    for (int64_t b = 0; b < B; ++b) {
+      loss += std::max(x[b], 0.0f) - x[b] * y[b] + std::log1p(std::exp(-std::fabs(x[b])));
+      dl[b] = (1.0f / (1.0f + std::exp(-x[b])) - y[b]) / static_cast<float>(B);
+    }
+  }
+
+  // ------------------------------------------------------------------ backward
+  at::mm_out(grads[22], dlogit.t(), ha);
+  at::sum_out(grads[23], dlogit, {0});
+  Tensor dg = at::mm(dlogit, params[22]).mul_(m4).mul_(g > 0);
+  at::mm_out(grads[20], dg.t(), hin);
+  at::sum_out(grads[21], dg, {0});
+  Tensor dpooled = at::mm(dg, params[20]).mul_(m3);  // (B, d)
+  Tensor dx1 = at::empty({N, d}, opts);
+  {
+    float* o = fp(dx1);
+    const float* p = fp(dpooled);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < d; ++c) o[n * d + c] = p[(n / L) * d + c] * pool_w[n];
+  }
+  Tensor dr2 = at::empty({N, d}, opts);
+  layer_norm_backward(fp(dx1), fp(xhat2), fp(rstd2), fp(params[18]), fp(dr2), fp(grads[18]), fp(grads[19]), N, d);
+  Tensor df2 = at::empty({N, d}, opts);
+  multiply(fp(dr2), fp(m2), fp(df2), N * d);
+  at::mm_out(grads[14], df2.t(), a1);
+  at::sum_out(grads[15], df2, {0});
+  Tensor df1 = at::mm(df2, params[14]);
+  {
+    const float* f = fp(f1);
+    float* g = fp(df1);
+    for (int64_t i = 0; i < df1.numel(); ++i) g[i] *= f[i] > 0.0f ? 1.0f : 0.0f;  // branch-free
+  }
+  at::mm_out(grads[12], df1.t(), z);
+  at::sum_out(grads[13], df1, {0});
+  Tensor dz = at::addmm(dr2, df1, params[12]);
+  Tensor dr1 = at::empty({N, d}, opts);
+  layer_norm_backward(fp(dz), fp(xhat1), fp(rstd1), fp(params[16]), fp(dr1), fp(grads[16]), fp(grads[17]), N, d);
+  Tensor datt = at::empty({N, d}, opts);
+  multiply(fp(dr1), fp(m1), fp(datt), N * d);
+  at::mm_out(grads[8], datt.t(), heads);
+  at::sum_out(grads[9], datt, {0});
+  Tensor dheads = at::mm(datt, params[8]);
+  Tensor dq = at::empty({N, d}, opts), dk = at::empty({N, d}, opts), dv = at::empty({N, d}, opts);
+  std::vector<float> scratch2(L * L);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hh = 0; hh < s.h; ++hh) {
+      const int64_t off = b * L * d + hh * s.dk;
+      with_head_width<AttentionBackward>(
+          s.dk, L, fp(q) + b * L * d + hh * s.dk, fp(k) + b * L * d + hh * s.dk, fp(v) + b * L * d + hh * s.dk,
+          fp(probs) + (b * s.h + hh) * L * L, fp(dheads) + off, over_queries, scale, fp(dq) + off, fp(dk) + off,
+          fp(dv) + off, s, scratch.data(), scratch2.data());
+    }
+  // dx0 = dr1 (residual) + the projections' input gradients
+  Tensor dx0 = at::addmm(dr1, dq, params[2]);
+  at::mm_out(grads[2], dq.t(), x0);
+  at::sum_out(grads[3], dq, {0});
+  if (learns_keys) {
+    at::mm_out(grads[4], dk.t(), x0);
+    at::sum_out(grads[5], dk, {0});
+    dx0.addmm_(dk, params[4]);
+  } else {
+    dx0.add_(dk);
+  }
+  if (learns_values) {
+    at::mm_out(grads[6], dv.t(), x0);
+    at::sum_out(grads[7], dv, {0});
+    dx0.addmm_(dv, params[6]);
+  } else if (!is_super) {
+    dx0.add_(dv);
+  } else {  // V = W^A Xm (+ bias): dW^A = dV' Xm'^T, d bias = row sums of dV', dXm' = W^A^T dV' (tokens first)
+    const Tensor dv_t = dv.view({B, L, d}).transpose(0, 1).reshape({L, B * d});
+    const Tensor wa = params[10].narrow(0, 0, L).narrow(1, 0, L);
+    grads[10].narrow(0, 0, L).narrow(1, 0, L).copy_(at::mm(dv_t, xm.t()));
+    if (wa_bias) grads[11].narrow(0, 0, L).copy_(dv_t.sum(1));
+    Tensor dxm = at::mm(wa.t(), dv_t).view({L, B, d}).transpose(0, 1);  // (B, L, d)
+    if (padding_mask) dxm = dxm.masked_fill(ids.eq(pad_id).unsqueeze(-1), 0.0);
+    dx0.view({B, L, d}).add_(dxm);
+  }
+  {  // embeddings
+    float* dE = fp(grads[0]);
+    float* dP = fp(grads[1]);
+    const float* g0 = fp(dx0);
+    for (int64_t n = 0; n < N; ++n) {
+      float* e = dE + id[n] * d;
+      float* p = dP + (n % L) * d;
+      for (int64_t c = 0; c < d; ++c) {
+        e[c] += g0[n * d + c];
+        p[c] += g0[n * d + c];
+      }
+    }
+  }
+  std::vector<Tensor> out{at::scalar_tensor(loss / static_cast<double>(B), opts), logits};
+  if (want_masks) {
+    out.push_back(m1);
+    out.push_back(m2);
+    out.push_back(m3);
+    out.push_back(m4);
+  }
+  return out;
+}
+
+// One Adam step (Kingma & Ba; the update of torch.optim.Adam without weight decay) over every
+// parameter, in place. The token embedding's gradient is zero outside the rows in `ids`, so
+// there the update runs with g = 0 without reading the gradient: the same numbers, less memory.
+namespace {
+template <bool HasGrad>
+void adam_update(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ m, float* __restrict__ v,
+                 int64_t n, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, float step_size,
+                 float bc2_sqrt, float eps) {
+  for (int64_t i = 0; i < n; ++i) {  // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= s m / (sqrt(v / bc2) + eps)
+    const float grad = HasGrad ? g[i] : 0.0f;
+    m[i] = m[i] * beta1 + grad * one_minus_beta1;
+    v[i] = v[i] * beta2 + grad * grad * one_minus_beta2;
+    p[i] = p[i] - step_size * m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps);
+  }
+}
+}  // namespace
+
+void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avg,
+               const std::vector<Tensor>& exp_avg_sq, const Tensor& ids, int64_t step, double lr, double beta1,
+               double beta2, double eps) {
+  TORCH_CHECK(step >= 1, "Adam steps count from 1");
+  const float step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
+  const float bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  const float b1 = static_cast<float>(beta1), b2 = static_cast<float>(beta2), e = static_cast<float>(eps);
+  const float c1 = static_cast<float>(1.0 - beta1), c2 = static_cast<float>(1.0 - beta2);
+  for (size_t t = 0; t < params.size(); ++t) {
+    const Tensor& p = params[t];
+    if (p.numel() == 0) continue;
+    if (t != 0) {
+      adam_update<true>(fp(p), fp(grads[t]), fp(exp_avg[t]), fp(exp_avg_sq[t]), p.numel(), b1, c1, b2, c2,
+                        step_size, bc2_sqrt, e);
+      continue;
+    }
+    const int64_t rows = p.size(0), d = p.size(1);
+    std::vector<uint8_t> touched(rows, 0);
+    const int64_t* id = ids.data_ptr<int64_t>();
+    for (int64_t n = 0; n < ids.numel(); ++n) touched[id[n]] = 1;
+    for (int64_t r = 0; r < rows;) {  // runs of rows that all are, or all are not, in the batch
+      int64_t end = r + 1;
+      while (end < rows && touched[end] == touched[r]) ++end;
+      const int64_t off = r * d, n = (end - r) * d;
+      if (touched[r])
+        adam_update<true>(fp(p) + off, fp(grads[t]) + off, fp(exp_avg[t]) + off, fp(exp_avg_sq[t]) + off, n, b1, c1,
+                          b2, c2, step_size, bc2_sqrt, e);
+      else
+        adam_update<false>(fp(p) + off, nullptr, fp(exp_avg[t]) + off, fp(exp_avg_sq[t]) + off, n, b1, c1,
+                           b2, c2, step_size, bc2_sqrt, e);
+      r = end;
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("train_step", &train_step, "One IMDBClassifier training step: loss, logits; gradients into grads");
+  m.def("adam_step", &adam_step, "Adam over every parameter, in place");
+}

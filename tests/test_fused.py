@@ -1,0 +1,213 @@
+"""pba.fused: the hand-written training step against autograd through the PyTorch model."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pba
+from pba.data import prepare_imdb
+from pba.models import IMDBClassifier
+from pba.train import ENGINES, TrainConfig, fit, fit_replicas, seed_everything
+
+from .synthetic import write_imdb_like
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension() -> None:
+    """Compile the C++ step once; skip the module, saying why, where no compiler is available."""
+    from pba.fused import load_extension
+
+    try:
+        load_extension()
+    except Exception as error:  # noqa: BLE001 (a missing compiler or ninja shows up in several types)
+        pytest.skip(f"the C++ extension could not be built here: {error}")
+
+
+from pba.fused import FusedAdam, FusedIMDBStep, fused_unsupported_reason  # noqa: E402
+
+
+class FixedScale(nn.Module):
+    """Dropout replaced by the scales the fused step drew, so that autograd sees the same masks."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.view_as(x)
+
+
+def batch(length: int, vocab: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, vocab, (5, length))
+    ids[0, length // 2 :] = 0  # a padded tail
+    ids[1, :] = 0  # a review of padding only: no key to read, nothing to pool
+    ids[2, 0] = 0
+    return ids, torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+
+
+def assert_same_step(model: IMDBClassifier, length: int) -> None:
+    reference = copy.deepcopy(model)
+    ids, labels = batch(length)
+    fused = FusedIMDBStep(model, seed=3)
+    loss, logits, *scales = fused.step(ids, labels, return_masks=True)
+    block = reference.blocks[0]
+    block.dropout1, block.dropout2 = FixedScale(scales[0]), FixedScale(scales[1])
+    reference.head[0], reference.head[3] = FixedScale(scales[2]), FixedScale(scales[3])
+    expected_logits = reference(ids)
+    expected_loss = F.binary_cross_entropy_with_logits(expected_logits, labels)
+    expected_loss.backward()
+    torch.testing.assert_close(logits, expected_logits.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-5, atol=1e-6)
+    for (name, got), want in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# length 10: the scalar loops; 16: the eight-lane loops (length and head width multiples of 8)
+@pytest.mark.parametrize("length", [10, 16])
+@pytest.mark.parametrize(
+    "softmax_over, padding_mask, masked_pooling", list(itertools.product(("keys", "queries"), (True, False), (True, False)))
+)
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_loss_logits_and_every_gradient_match_autograd(
+    variant: str, softmax_over: str, padding_mask: bool, masked_pooling: bool, length: int
+) -> None:
+    options = {"wa_bias": softmax_over == "queries"} if variant == "super" else {}
+    model = IMDBClassifier(
+        variant, vocab_size=50, context_length=16, softmax_over=softmax_over, padding_mask=padding_mask,
+        masked_pooling=masked_pooling, **options,
+    )
+    assert_same_step(model, length)
+
+
+def test_head_widths_other_than_eight() -> None:
+    for n_heads in (1, 2, 8):  # d_k = 32, 16, 4 (4: the general loops)
+        assert_same_step(IMDBClassifier("standard", vocab_size=50, context_length=16, n_heads=n_heads), 16)
+
+
+def test_consecutive_steps_leave_no_stale_embedding_gradient() -> None:
+    model = IMDBClassifier("efficient", vocab_size=50, context_length=16).eval()  # eval: no dropout
+    reference = copy.deepcopy(model)
+    fused = FusedIMDBStep(model, seed=0)
+    first, second = batch(16), batch(16)
+    fused.step(*first)
+    fused.step(*second)  # rows of the first batch only must be zero again
+    F.binary_cross_entropy_with_logits(reference(second[0]), second[1]).backward()
+    for got, want in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dropout_scales_rate_and_determinism() -> None:
+    model = IMDBClassifier("super", vocab_size=50, context_length=32, dropout=0.25)
+    ids, labels = torch.randint(1, 50, (64, 32)), torch.randint(0, 2, (64,)).float()
+    first = FusedIMDBStep(model, seed=7).step(ids, labels, return_masks=True)[2]
+    again = FusedIMDBStep(model, seed=7).step(ids, labels, return_masks=True)[2]
+    other_seed = FusedIMDBStep(model, seed=8).step(ids, labels, return_masks=True)[2]
+    fused = FusedIMDBStep(model, seed=7)
+    fused.step(ids, labels)
+    next_step = fused.step(ids, labels, return_masks=True)[2]
+    torch.testing.assert_close(first.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs((first == 0).float().mean().item() - 0.25) < 0.01  # 65,536 draws
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_seed) and not torch.equal(first, next_step)
+    model.eval()
+    assert all(torch.all(s == 1) for s in FusedIMDBStep(model, seed=7).step(ids, labels, return_masks=True)[2:])
+
+
+def test_fused_adam_is_torch_adam() -> None:
+    model = IMDBClassifier("standard", vocab_size=300, context_length=16)
+    reference = copy.deepcopy(model)
+    fused = FusedIMDBStep(model, seed=0)
+    ours, theirs = FusedAdam(fused, lr=1e-2), torch.optim.Adam(reference.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(20):
+        ids = torch.randint(0, 300, (8, 16), generator=generator)
+        fused._previous_ids = ids  # the rows this step's embedding gradient may be non-zero in
+        used = torch.zeros(300, dtype=torch.bool)
+        used[ids.flatten()] = True
+        for mine, other in zip(model.parameters(), reference.parameters()):
+            grad = torch.randn(mine.shape, generator=generator)
+            if mine is model.token_embedding.weight:
+                grad[~used] = 0.0
+            mine.grad.copy_(grad)
+            other.grad = grad.clone()
+        ours.step()
+        theirs.step()
+        tolerance = 1e-6 if step == 0 else 1e-4  # rounding, then its growth through m / sqrt(v)
+        for mine, other in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(mine.detach(), other.detach(), rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="lr must be positive, got 0"):
+        FusedAdam(fused, lr=0)
+
+
+def test_unsupported_models_are_refused_with_the_reason() -> None:
+    assert fused_unsupported_reason(IMDBClassifier("super", vocab_size=50, context_length=16)) is None
+    cases = {
+        "one encoder block only, got 2": IMDBClassifier("standard", vocab_size=50, context_length=16, n_blocks=2),
+        "wa_sharing='layer'": IMDBClassifier("super", vocab_size=50, context_length=16, wa_sharing="head"),
+        "must be a pba.models.IMDBClassifier, got Linear": nn.Linear(2, 2),
+        "must have biases": IMDBClassifier("standard", vocab_size=50, context_length=16, bias=False),
+    }
+    for reason, model in cases.items():
+        assert reason in fused_unsupported_reason(model)
+        with pytest.raises(ValueError, match="FusedIMDBStep cannot train this model"):
+            FusedIMDBStep(model)
+    fused = FusedIMDBStep(IMDBClassifier("standard", vocab_size=50, context_length=16))
+    with pytest.raises(ValueError, match="ids must have at most context_length=16 tokens, got 17"):
+        fused.step(torch.zeros(2, 17, dtype=torch.long), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\), got \(3,\)"):
+        fused.step(torch.zeros(2, 8, dtype=torch.long), torch.zeros(3))
+    fused.model.token_embedding.weight.grad = None
+    with pytest.raises(RuntimeError, match="a parameter's .grad was replaced"):
+        fused.step(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tiny-fused")
+    data_dir = write_imdb_like(root / "imdb", n_train=400, n_test=200)
+    return prepare_imdb("paper", data_dir=data_dir, cache_dir=root / "cache", vocab_size=40, length=16)
+
+
+def train_fused(splits, variant: str, seed: int, epochs: int):
+    seed_everything(seed)
+    model = IMDBClassifier(variant, vocab_size=len(splits.vocab), context_length=16, d_model=16, n_heads=2, d_ff=16)
+    config = TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, num_threads=1, progress=False, engine="fused")
+    return fit(model, splits.train, splits.val, splits.test, config, seed=seed)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_fit_with_the_fused_engine_learns(tiny, variant: str) -> None:
+    result = train_fused(tiny, variant, seed=0, epochs=6)
+    assert result.test_acc > 0.9, result.history
+
+
+def test_fit_with_the_fused_engine_is_deterministic(tiny) -> None:
+    a, b, c = (train_fused(tiny, "super", seed, epochs=2) for seed in (3, 3, 4))
+    assert a.history == b.history and a.test_acc == b.test_acc
+    assert a.history != c.history
+
+
+def test_engine_option_is_checked(tiny) -> None:
+    assert ENGINES == ("autograd", "fused")
+    with pytest.raises(ValueError, match="engine must be one of .*, got 'jit'"):
+        TrainConfig(engine="jit")
+    models = [IMDBClassifier("standard", vocab_size=len(tiny.vocab), context_length=16) for _ in range(2)]
+    config = TrainConfig(epochs=1, progress=False, engine="fused")
+    with pytest.raises(ValueError, match="needs engine='autograd', got 'fused'"):
+        fit_replicas(models, tiny.train, tiny.val, tiny.test, config, seeds=[0, 1])
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_evaluation_logits_match_the_model(variant: str) -> None:
+    model = IMDBClassifier(variant, vocab_size=50, context_length=16, softmax_over="queries", padding_mask=False)
+    ids, _ = batch(16)
+    ids = torch.cat([ids] * 120)  # 600 reviews: several chunks of 256
+    fused = FusedIMDBStep(model)
+    torch.testing.assert_close(fused.logits(ids), model.eval()(ids).detach(), rtol=1e-5, atol=1e-6)
+    assert model.blocks[0].dropout1.p == 0.1  # evaluation did not touch the model's settings
