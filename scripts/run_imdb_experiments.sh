@@ -13,6 +13,8 @@ if [ "$what" = main ] || [ "$what" = all ]; then
   run --protocol paper --out results/imdb-paper.json                             # the paper's protocol
   run --protocol seed --quirks reference --stack-seeds true \
       --out results/imdb-seed-reference-stacked.json                            # the first, seeds stacked
+  run --protocol seed --quirks reference --engine fused \
+      --out results/imdb-seed-reference-fused.json                              # the first, pba.fused
 fi
 
 if [ "$what" = ablations ] || [ "$what" = all ]; then

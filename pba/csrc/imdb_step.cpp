@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -488,16 +490,30 @@ struct AttentionBackward {
   }
 };
 
-// x W^T + b through MKL's product, the bias added in a loop (addmm would first copy the
+// A buffer kept from call to call, one per name and shape: a fresh 256 KiB tensor every step
+// would cost a page fault per 4 KiB. Not for tensors handed back to Python, and like the rest of
+// this file for one thread at a time.
+Tensor reused(const char* name, at::IntArrayRef shape, const at::TensorOptions& opts) {
+  static std::unordered_map<std::string, Tensor> buffers;
+  std::string key(name);
+  for (const int64_t size : shape) key += ":" + std::to_string(size);
+  auto found = buffers.find(key);
+  if (found != buffers.end()) return found->second;
+  Tensor buffer = at::empty(shape, opts);
+  buffers.emplace(key, buffer);
+  return buffer;
+}
+
+// out = x W^T + b through MKL's product, the bias added in a loop (addmm would first copy the
 // broadcast bias into the output, which costs more than the loop here).
-Tensor linear(const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  Tensor y = at::mm(x, weight.t());
-  float* out = y.data_ptr<float>();
+Tensor linear(Tensor out, const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  at::mm_out(out, x, weight.t());
+  float* y = out.data_ptr<float>();
   const float* b = bias.data_ptr<float>();
-  const int64_t rows = y.size(0), cols = y.size(1);
+  const int64_t rows = out.size(0), cols = out.size(1);
   for (int64_t n = 0; n < rows; ++n)
-    for (int64_t c = 0; c < cols; ++c) out[n * cols + c] += b[c];
-  return y;
+    for (int64_t c = 0; c < cols; ++c) y[n * cols + c] += b[c];
+  return out;
 }
 
 // out = a * b elementwise, over n floats
@@ -562,7 +578,7 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
     TORCH_CHECK(id[n] >= 0 && id[n] < V, "token id out of range");
     real[n] = id[n] != pad_id;
   }
-  Tensor x0 = at::empty({N, d}, opts);
+  Tensor x0 = reused("x0", {N, d}, opts);
   {
     const float* E = fp(params[0]);
     const float* P = fp(params[1]);
@@ -573,12 +589,12 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
       for (int64_t c = 0; c < d; ++c) x[n * d + c] = e[c] + p[c];
     }
   }
-  Tensor q = linear(x0, params[2], params[3]);
-  Tensor k = learns_keys ? linear(x0, params[4], params[5]) : x0;
+  Tensor q = linear(reused("q", {N, d}, opts), x0, params[2], params[3]);
+  Tensor k = learns_keys ? linear(reused("k", {N, d}, opts), x0, params[4], params[5]) : x0;
   Tensor xm;  // super: the value input with padded rows zeroed
   Tensor v;
   if (learns_values) {
-    v = linear(x0, params[6], params[7]);
+    v = linear(reused("v", {N, d}, opts), x0, params[6], params[7]);
   } else if (!is_super) {
     v = x0;
   } else {
@@ -592,8 +608,8 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   }
   const int64_t ldq = q.size(1), ldk = k.size(1), ldv = v.size(1);
   TORCH_CHECK(ldq == d && ldk == d && ldv == d, "q, k, v rows of width d_model");
-  Tensor probs = at::empty({B, s.h, L, L}, opts);
-  Tensor heads = at::empty({N, d}, opts);
+  Tensor probs = reused("probs", {B, s.h, L, L}, opts);
+  Tensor heads = reused("heads", {N, d}, opts);
   std::vector<float> scratch(std::max<int64_t>(s.dk * L, L * L));
   std::vector<uint8_t> allowed_bytes(L);
   bool* allowed = reinterpret_cast<bool*>(allowed_bytes.data());
@@ -605,36 +621,36 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
           allowed, over_queries, scale, fp(probs) + (b * s.h + hh) * L * L, fp(heads) + b * L * d + hh * s.dk, s,
           scratch.data());
   }
-  Tensor att = linear(heads, params[8], params[9]);
-  Tensor m1 = at::empty({N, d}, opts), m2 = at::empty({N, d}, opts);
-  Tensor m3 = at::empty({B, d}, opts), m4 = at::empty({B, params[20].size(0)}, opts);
+  Tensor att = linear(reused("att", {N, d}, opts), heads, params[8], params[9]);
+  Tensor m1 = reused("m1", {N, d}, opts), m2 = reused("m2", {N, d}, opts);
+  Tensor m3 = reused("m3", {B, d}, opts), m4 = reused("m4", {B, params[20].size(0)}, opts);
   dropout_scales(fp(m1), N * d, dropout_p, seed, step, 0);
   dropout_scales(fp(m2), N * d, dropout_p, seed, step, 1);
   dropout_scales(fp(m3), B * d, dropout_p, seed, step, 2);
   dropout_scales(fp(m4), m4.numel(), dropout_p, seed, step, 3);
-  Tensor r1 = at::empty({N, d}, opts);
+  Tensor r1 = reused("r1", {N, d}, opts);
   {
     float* r = fp(r1);
     const float *x = fp(x0), *a = fp(att), *m = fp(m1);
     for (int64_t i = 0; i < N * d; ++i) r[i] = x[i] + a[i] * m[i];
   }
-  Tensor z = at::empty({N, d}, opts), xhat1 = at::empty({N, d}, opts), rstd1 = at::empty({N}, opts);
+  Tensor z = reused("z", {N, d}, opts), xhat1 = reused("xhat1", {N, d}, opts), rstd1 = reused("rstd1", {N}, opts);
   layer_norm_forward(fp(r1), fp(params[16]), fp(params[17]), fp(z), fp(xhat1), fp(rstd1), N, d, eps);
-  Tensor f1 = linear(z, params[12], params[13]);
-  Tensor a1 = at::empty_like(f1);
+  Tensor f1 = linear(reused("f1", {N, params[12].size(0)}, opts), z, params[12], params[13]);
+  Tensor a1 = reused("a1", f1.sizes(), opts);
   {
     const float* f = fp(f1);
     float* a = fp(a1);
     for (int64_t i = 0; i < f1.numel(); ++i) a[i] = std::max(f[i], 0.0f);
   }
-  Tensor f2 = linear(a1, params[14], params[15]);
-  Tensor r2 = at::empty({N, d}, opts);
+  Tensor f2 = linear(reused("f2", {N, d}, opts), a1, params[14], params[15]);
+  Tensor r2 = reused("r2", {N, d}, opts);
   {
     float* r = fp(r2);
     const float *x = fp(z), *a = fp(f2), *m = fp(m2);
     for (int64_t i = 0; i < N * d; ++i) r[i] = x[i] + a[i] * m[i];
   }
-  Tensor x1 = at::empty({N, d}, opts), xhat2 = at::empty({N, d}, opts), rstd2 = at::empty({N}, opts);
+  Tensor x1 = reused("x1", {N, d}, opts), xhat2 = reused("xhat2", {N, d}, opts), rstd2 = reused("rstd2", {N}, opts);
   layer_norm_forward(fp(r2), fp(params[18]), fp(params[19]), fp(x1), fp(xhat2), fp(rstd2), N, d, eps);
   // pooling weights: 1/L each, or 1/count over real tokens
   std::vector<float> pool_w(N);
@@ -677,20 +693,21 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   at::mm_out(grads[20], dg.t(), hin);
   at::sum_out(grads[21], dg, {0});
   Tensor dpooled = at::mm(dg, params[20]).mul_(m3);  // (B, d)
-  Tensor dx1 = at::empty({N, d}, opts);
+  Tensor dx1 = reused("dx1", {N, d}, opts);
   {
     float* o = fp(dx1);
     const float* p = fp(dpooled);
     for (int64_t n = 0; n < N; ++n)
       for (int64_t c = 0; c < d; ++c) o[n * d + c] = p[(n / L) * d + c] * pool_w[n];
   }
-  Tensor dr2 = at::empty({N, d}, opts);
+  Tensor dr2 = reused("dr2", {N, d}, opts);
   layer_norm_backward(fp(dx1), fp(xhat2), fp(rstd2), fp(params[18]), fp(dr2), fp(grads[18]), fp(grads[19]), N, d);
-  Tensor df2 = at::empty({N, d}, opts);
+  Tensor df2 = reused("df2", {N, d}, opts);
   multiply(fp(dr2), fp(m2), fp(df2), N * d);
   at::mm_out(grads[14], df2.t(), a1);
   at::sum_out(grads[15], df2, {0});
-  Tensor df1 = at::mm(df2, params[14]);
+  Tensor df1 = reused("df1", f1.sizes(), opts);
+  at::mm_out(df1, df2, params[14]);
   {
     const float* f = fp(f1);
     float* g = fp(df1);
@@ -698,15 +715,17 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   }
   at::mm_out(grads[12], df1.t(), z);
   at::sum_out(grads[13], df1, {0});
-  Tensor dz = at::addmm(dr2, df1, params[12]);
-  Tensor dr1 = at::empty({N, d}, opts);
+  Tensor dz = reused("dz", {N, d}, opts);
+  at::addmm_out(dz, dr2, df1, params[12]);
+  Tensor dr1 = reused("dr1", {N, d}, opts);
   layer_norm_backward(fp(dz), fp(xhat1), fp(rstd1), fp(params[16]), fp(dr1), fp(grads[16]), fp(grads[17]), N, d);
-  Tensor datt = at::empty({N, d}, opts);
+  Tensor datt = reused("datt", {N, d}, opts);
   multiply(fp(dr1), fp(m1), fp(datt), N * d);
   at::mm_out(grads[8], datt.t(), heads);
   at::sum_out(grads[9], datt, {0});
-  Tensor dheads = at::mm(datt, params[8]);
-  Tensor dq = at::empty({N, d}, opts), dk = at::empty({N, d}, opts), dv = at::empty({N, d}, opts);
+  Tensor dheads = reused("dheads", {N, d}, opts);
+  at::mm_out(dheads, datt, params[8]);
+  Tensor dq = reused("dq", {N, d}, opts), dk = reused("dk", {N, d}, opts), dv = reused("dv", {N, d}, opts);
   std::vector<float> scratch2(L * L);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t hh = 0; hh < s.h; ++hh) {
@@ -717,7 +736,8 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
           fp(dv) + off, s, scratch.data(), scratch2.data());
     }
   // dx0 = dr1 (residual) + the projections' input gradients
-  Tensor dx0 = at::addmm(dr1, dq, params[2]);
+  Tensor dx0 = reused("dx0", {N, d}, opts);
+  at::addmm_out(dx0, dr1, dq, params[2]);
   at::mm_out(grads[2], dq.t(), x0);
   at::sum_out(grads[3], dq, {0});
   if (learns_keys) {
@@ -757,10 +777,7 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   }
   std::vector<Tensor> out{at::scalar_tensor(loss / static_cast<double>(B), opts), logits};
   if (want_masks) {
-    out.push_back(m1);
-    out.push_back(m2);
-    out.push_back(m3);
-    out.push_back(m4);
+    for (const Tensor* mask : {&m1, &m2, &m3, &m4}) out.push_back(mask->clone());  // the buffers are reused
   }
   return out;
 }

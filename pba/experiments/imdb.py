@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -225,6 +226,9 @@ _WORKER: dict[str, object] = {}
 
 def _worker_init(protocol: str, split_seed: int, overrides: dict, data_dir: str | None) -> None:
     _WORKER["splits"] = prepare_imdb(protocol, split_seed=split_seed, data_dir=data_dir, **overrides)
+    # Everything loaded so far lives as long as the worker: keep the garbage collector from
+    # rescanning it during training (it showed as 3-4 % of a fused run's profile).
+    gc.freeze()
 
 
 def _worker_run(args: tuple) -> list[dict]:
