@@ -24,7 +24,8 @@ smallest of the rounds' medians. The sum leaves out everything else a step does 
 residual sums, the classifier head, copies between head layouts, the loss, autograd, Python), and
 evaluation, and it is timed with the second core idle: a floor that only an engine with faster
 kernels than torch's could go below. pba's own training step (forward, loss, backward, Adam, the
-reference's settings, as the bar runs it) is timed the same way beside it.
+reference's settings, as the bar runs it) is timed the same way beside it, and so is the same step
+through ``pba.fused`` (its C++ engine and Adam; the row is left out where it cannot be built).
 """
 
 from __future__ import annotations
@@ -194,9 +195,35 @@ def pba_step(variant: str) -> Callable[[], None]:
     return step
 
 
+def fused_step(variant: str) -> Callable[[], None] | None:
+    """The same step through pba.fused (C++), or None where its extension cannot be built."""
+    try:
+        from pba.fused import FusedAdam, FusedIMDBStep, load_extension
+
+        load_extension()
+    except Exception as error:  # noqa: BLE001 (no compiler, no ninja, ...)
+        print(f"pba.fused unavailable, its row is left out: {error}", file=sys.stderr)
+        return None
+    model = _model(variant)
+    engine = FusedIMDBStep(model, seed=0)
+    optimizer = FusedAdam(engine, lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator)
+    labels = torch.randint(0, 2, (BATCH,), generator=generator).float()
+
+    def step() -> None:
+        engine.step(ids, labels)
+        optimizer.step()
+
+    return step
+
+
 def measure(variant: str, rounds: int, reps: int) -> dict[str, object]:
-    """Floor of each kernel and of pba's step (ms): the least over rounds of each round's median."""
+    """Floor of each kernel and of pba's steps (ms): the least over rounds of each round's median."""
     calls = {**floor_kernels(variant), "pba training step": pba_step(variant)}
+    fused = fused_step(variant)
+    if fused is not None:
+        calls["pba fused step"] = fused
     for call in calls.values():  # warm-up
         for _ in range(5):
             call()
@@ -205,8 +232,9 @@ def measure(variant: str, rounds: int, reps: int) -> dict[str, object]:
         for name, call in calls.items():
             best[name] = min(best[name], _median_seconds(call, reps) * 1e3)
     step_ms = best.pop("pba training step")
+    fused_ms = best.pop("pba fused step", None)
     floor_ms = sum(best.values())
-    return {"kernels_ms": best, "floor_ms": floor_ms, "pba_step_ms": step_ms}
+    return {"kernels_ms": best, "floor_ms": floor_ms, "pba_step_ms": step_ms, "fused_step_ms": fused_ms}
 
 
 def protocol_minutes(ms_per_step: dict[str, float]) -> float:
@@ -226,14 +254,21 @@ def report(rows: dict[str, dict], command: str) -> str:
     lines.append(f"{'floor (sum)':<36}" + "".join(f"{row['floor_ms']:>11.3f}" for row in rows.values()))
     lines.append(f"{'pba training step':<36}" + "".join(f"{row['pba_step_ms']:>11.3f}" for row in rows.values()))
     lines.append(f"{'pba step / floor':<36}" + "".join(f"{row['pba_step_ms'] / row['floor_ms']:>11.2f}" for row in rows.values()))
+    fused = all(row["fused_step_ms"] is not None for row in rows.values())
+    if fused:
+        lines.append(f"{'pba fused step (pba.fused)':<36}" + "".join(f"{row['fused_step_ms']:>11.3f}" for row in rows.values()))
+        lines.append(f"{'fused step / floor':<36}" + "".join(f"{row['fused_step_ms'] / row['floor_ms']:>11.2f}" for row in rows.values()))
     floor_min = protocol_minutes({v: row["floor_ms"] for v, row in rows.items()})
     pba_min = protocol_minutes({v: row["pba_step_ms"] for v, row in rows.items()})
     lines += [
-        f"seed protocol's training steps on {CORES} cores (no evaluation, no start-up):",
+        f"seed protocol's training steps on {CORES} cores (no evaluation, no start-up; a whole grid also",
+        "evaluates, starts its workers, and its two workers share the memory system):",
         f"  at the floor          {floor_min:6.2f} min   (bar {BAR_MINUTES:.0f} min: floor / bar = {floor_min / BAR_MINUTES:.2f})",
-        f"  at pba's step         {pba_min:6.2f} min   (a whole grid also evaluates, starts workers, and its"
-        " two workers share the memory system)",
+        f"  at pba's step         {pba_min:6.2f} min",
     ]
+    if fused:
+        fused_min = protocol_minutes({v: row["fused_step_ms"] for v, row in rows.items()})
+        lines.append(f"  at the fused step     {fused_min:6.2f} min")
     return "\n".join(lines)
 
 
@@ -263,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                 "protocol_minutes": {
                     "floor": protocol_minutes({v: r["floor_ms"] for v, r in rows.items()}),
                     "pba_steps": protocol_minutes({v: r["pba_step_ms"] for v, r in rows.items()}),
+                    "fused_steps": (
+                        protocol_minutes({v: r["fused_step_ms"] for v, r in rows.items()})
+                        if all(r["fused_step_ms"] is not None for r in rows.values()) else None
+                    ),
                     "bar": BAR_MINUTES,
                 },
                 "text": text,

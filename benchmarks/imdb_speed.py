@@ -15,11 +15,13 @@ Both sides train the same number of steps (a shortened protocol: ``--epochs`` pe
 seed) in one process with the same thread count; the ratio is printed side by side. With
 ``--stack N`` a third column times ``pba.train.fit_replicas`` training seeds 0 .. N-1 of each
 variant together, as seconds per seed (the stack's time over N): what stacking saves or costs here.
+With ``--fused`` another column times the same loop with ``engine="fused"`` (``pba.fused``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--stack", type=int, default=0, help="also time N seeds trained together (N >= 2)")
+    parser.add_argument("--fused", action="store_true", help="also time pba's loop with engine='fused' (pba.fused)")
     parser.add_argument("--out", help="also write the table as JSON (with command and environment)")
     args = parser.parse_args(argv)
     if args.stack == 1 or args.stack < 0:
@@ -141,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'variant':<10} {'baseline s':>11} {'pba s':>8} {'speed-up':>9}"
     if args.stack:
         header += f" {'stack s/seed':>13} {'speed-up':>9}"
+    if args.fused:
+        header += f" {'fused s':>8} {'speed-up':>9}"
     print(header)
-    totals = {"base": 0.0, "ours": 0.0, "stack": 0.0}
+    totals = {"base": 0.0, "ours": 0.0}
+    totals.update({"stack": 0.0} if args.stack else {})
+    totals.update({"fused": 0.0} if args.fused else {})
     rows = []
     for variant in args.variants:
         times = {
@@ -152,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.stack:
             runs = run_stack(variant, range(args.stack), splits, settings, device="cpu", num_threads=args.threads)
             times["stack"] = runs[0]["train_seconds"]  # each replica's equal share of the stack's time
+        if args.fused:
+            fused = dataclasses.replace(settings, engine="fused")
+            times["fused"] = run_one(variant, 0, splits, fused, device="cpu", num_threads=args.threads)["train_seconds"]
         for key, value in times.items():
             totals[key] += value
         rows.append({"variant": variant, **{f"{key}_seconds": value for key, value in times.items()}})
         print(_row(variant, times), flush=True)
-    print(_row("all", totals if args.stack else {k: totals[k] for k in ("base", "ours")}))
+    print(_row("all", totals))
     if args.out:
         machine = environment("cpu")
         machine["threads"] = args.threads
@@ -169,8 +179,9 @@ def _row(name: str, times: dict[str, float]) -> str:
     row = f"{name:<10} {times['base']:>11.1f} {times['ours']:>8.1f} {times['base'] / times['ours']:>8.2f}x"
     if "stack" in times:
         row += f" {times['stack']:>13.1f} {times['base'] / times['stack']:>8.2f}x"
+    if "fused" in times:
+        row += f" {times['fused']:>8.1f} {times['base'] / times['fused']:>8.2f}x"
     return row
-    return 0
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ def test_imdb_floor_script(tmp_path: Path) -> None:
         assert row["floor_ms"] == sum(row["kernels_ms"].values())
         assert 0 < row["floor_ms"] < row["pba_step_ms"]  # the step runs every kernel of the floor and more
     assert result["protocol_minutes"]["floor"] < result["protocol_minutes"]["pba_steps"]
+    if efficient["fused_step_ms"] is not None:  # pba.fused built here
+        assert 0 < super_["fused_step_ms"] and "fused step / floor" in result["text"]
     assert result["text"] in done.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_floor.py"), "--reps", "0"],
                          capture_output=True, text=True)
