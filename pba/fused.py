@@ -177,6 +177,38 @@ class FusedIMDBStep:
         return tuple(out)
 
     @torch.no_grad()
+    def train_epoch(
+        self, ids: Tensor, labels: Tensor, order: Tensor, batch_size: int, optimizer: FusedAdam, *, threshold: float = 0.0
+    ) -> tuple[float, int]:
+        """One epoch in one call: :meth:`step` and ``optimizer.step()`` for each batch of ``order``.
+
+        The same calls as that Python loop, in C++, so the same numbers. Returns the sum of the
+        batches' mean losses times their sizes and the count of correct predictions
+        (``logit > threshold`` against ``label > 0.5``), as :func:`pba.train.fit` accumulates them.
+        """
+        if optimizer.fused_step is not self:
+            raise ValueError("optimizer must be a FusedAdam over this FusedIMDBStep")
+        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or labels.shape != ids.shape[:1]:
+            raise ValueError(
+                f"ids must be integers (n, length) and labels (n,), got {ids.dtype} {tuple(ids.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        if not self.model.training:
+            raise ValueError("train_epoch needs the model in training mode (model.train())")
+        loss_sum, correct, last_ids = self._extension.train_epoch(
+            ids.to(torch.int64).contiguous(), labels.to(torch.float32).contiguous(), order.to(torch.int64).contiguous(),
+            batch_size,
+            self._previous_ids, self._params, self._grads, optimizer.exp_avg, optimizer.exp_avg_sq,
+            self._variant, *self._options, self.model.blocks[0].dropout1.p, self.seed, self.steps_taken,
+            optimizer.steps_taken, optimizer.lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, threshold,
+        )
+        batches = -(-len(order) // batch_size)
+        self.steps_taken += batches
+        optimizer.steps_taken += batches
+        self._previous_ids = last_ids
+        return loss_sum, correct
+
+    @torch.no_grad()
     def logits(self, ids: Tensor, *, batch_size: int = 256) -> Tensor:
         """The model's logits ``(B,)`` in eval mode (no dropout, no gradients), ``batch_size`` at a time."""
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):

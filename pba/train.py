@@ -190,30 +190,33 @@ def fit(
     for epoch in epochs:
         model.train()
         order = torch.randperm(n, generator=generator).to(device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        for begin in range(0, n, config.batch_size):
-            batch = order[begin : begin + config.batch_size]
-            ids, target = train_ids[batch], train_y[batch]
-            if fused is not None:
-                loss, logits = fused.step(ids, target)  # gradients written into each .grad
-            else:
+        if fused is not None:  # the loop below, run by the C++ engine: pba.fused.FusedIMDBStep.train_epoch
+            train_loss, train_correct = fused.train_epoch(
+                train_ids, train_y, order, config.batch_size, optimizer, threshold=config.threshold
+            )
+        else:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            for begin in range(0, n, config.batch_size):
+                batch = order[begin : begin + config.batch_size]
+                ids, target = train_ids[batch], train_y[batch]
                 logits = model(ids)
                 loss = F.binary_cross_entropy_with_logits(logits, target)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                loss_sum += loss.double() * len(batch)
-                correct += ((logits > config.threshold) == (target > 0.5)).sum()
+                optimizer.step()
+                with torch.no_grad():
+                    loss_sum += loss.double() * len(batch)
+                    correct += ((logits > config.threshold) == (target > 0.5)).sum()
+            train_loss, train_correct = loss_sum.item(), correct.item()
         val_loss, val_acc = evaluate(
             model, val_ids, val_y, threshold=config.threshold, batch_size=config.eval_batch_size, logits_fn=logits_fn
         )
         history.append(
             {
                 "epoch": epoch + 1,
-                "train_loss": loss_sum.item() / n,
-                "train_acc": correct.item() / n,
+                "train_loss": train_loss / n,
+                "train_acc": train_correct / n,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
             }

@@ -216,3 +216,28 @@ def test_evaluation_logits_match_the_model(variant: str) -> None:
     fused = FusedIMDBStep(model)
     torch.testing.assert_close(fused.logits(ids), model.eval()(ids).detach(), rtol=1e-5, atol=1e-6)
     assert model.blocks[0].dropout1.p == 0.1  # evaluation did not touch the model's settings
+
+
+def test_train_epoch_is_the_python_loop_in_one_call() -> None:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 60, (200, 16), generator=generator)
+    labels = torch.randint(0, 2, (200,), generator=generator).float()
+    order = torch.randperm(200, generator=generator)
+    models = [IMDBClassifier("super", vocab_size=60, context_length=16, wa_bias=True) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    engines = [FusedIMDBStep(model, seed=5) for model in models]
+    optimizers = [FusedAdam(engine, lr=1e-2) for engine in engines]
+    loss_sum, correct = 0.0, 0
+    for begin in range(0, 200, 32):  # the loop of pba.train.fit, step by step
+        batch = order[begin : begin + 32]
+        loss, logits = engines[0].step(ids[batch], labels[batch])
+        optimizers[0].step()
+        loss_sum += loss.double().item() * len(batch)
+        correct += int(((logits > 0.5) == (labels[batch] > 0.5)).sum())
+    got = engines[1].train_epoch(ids, labels, order, 32, optimizers[1], threshold=0.5)
+    assert got == (loss_sum, correct)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b) and torch.equal(a.grad, b.grad)
+    assert engines[1].steps_taken == optimizers[1].steps_taken == 7
+    with pytest.raises(ValueError, match="optimizer must be a FusedAdam over this FusedIMDBStep"):
+        engines[1].train_epoch(ids, labels, order, 32, optimizers[0])

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -613,13 +614,15 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   std::vector<float> scratch(std::max<int64_t>(s.dk * L, L * L));
   std::vector<uint8_t> allowed_bytes(L);
   bool* allowed = reinterpret_cast<bool*>(allowed_bytes.data());
+  const float *qp = fp(q), *kp = fp(k), *vp = fp(v);
+  float *probs_p = fp(probs), *heads_p = fp(heads);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < L; ++j) allowed[j] = !padding_mask || real[b * L + j];
-    for (int64_t hh = 0; hh < s.h; ++hh)
-      with_head_width<AttentionForward>(
-          s.dk, L, fp(q) + b * L * d + hh * s.dk, fp(k) + b * L * d + hh * s.dk, fp(v) + b * L * d + hh * s.dk,
-          allowed, over_queries, scale, fp(probs) + (b * s.h + hh) * L * L, fp(heads) + b * L * d + hh * s.dk, s,
-          scratch.data());
+    for (int64_t hh = 0; hh < s.h; ++hh) {
+      const int64_t off = b * L * d + hh * s.dk;
+      with_head_width<AttentionForward>(s.dk, L, qp + off, kp + off, vp + off, allowed, over_queries, scale,
+                                        probs_p + (b * s.h + hh) * L * L, heads_p + off, s, scratch.data());
+    }
   }
   Tensor att = linear(reused("att", {N, d}, opts), heads, params[8], params[9]);
   Tensor m1 = reused("m1", {N, d}, opts), m2 = reused("m2", {N, d}, opts);
@@ -727,13 +730,14 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   at::mm_out(dheads, datt, params[8]);
   Tensor dq = reused("dq", {N, d}, opts), dk = reused("dk", {N, d}, opts), dv = reused("dv", {N, d}, opts);
   std::vector<float> scratch2(L * L);
+  const float* dheads_p = fp(dheads);
+  float *dq_p = fp(dq), *dk_p = fp(dk), *dv_p = fp(dv);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t hh = 0; hh < s.h; ++hh) {
       const int64_t off = b * L * d + hh * s.dk;
-      with_head_width<AttentionBackward>(
-          s.dk, L, fp(q) + b * L * d + hh * s.dk, fp(k) + b * L * d + hh * s.dk, fp(v) + b * L * d + hh * s.dk,
-          fp(probs) + (b * s.h + hh) * L * L, fp(dheads) + off, over_queries, scale, fp(dq) + off, fp(dk) + off,
-          fp(dv) + off, s, scratch.data(), scratch2.data());
+      with_head_width<AttentionBackward>(s.dk, L, qp + off, kp + off, vp + off, probs_p + (b * s.h + hh) * L * L,
+                                         dheads_p + off, over_queries, scale, dq_p + off, dk_p + off, dv_p + off, s,
+                                         scratch.data(), scratch2.data());
     }
   // dx0 = dr1 (residual) + the projections' input gradients
   Tensor dx0 = reused("dx0", {N, d}, opts);
@@ -819,22 +823,55 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
     std::vector<uint8_t> touched(rows, 0);
     const int64_t* id = ids.data_ptr<int64_t>();
     for (int64_t n = 0; n < ids.numel(); ++n) touched[id[n]] = 1;
+    float *pp = fp(p), *gp = fp(grads[t]), *mp = fp(exp_avg[t]), *vp = fp(exp_avg_sq[t]);
     for (int64_t r = 0; r < rows;) {  // runs of rows that all are, or all are not, in the batch
       int64_t end = r + 1;
       while (end < rows && touched[end] == touched[r]) ++end;
       const int64_t off = r * d, n = (end - r) * d;
       if (touched[r])
-        adam_update<true>(fp(p) + off, fp(grads[t]) + off, fp(exp_avg[t]) + off, fp(exp_avg_sq[t]) + off, n, b1, c1,
-                          b2, c2, step_size, bc2_sqrt, e);
+        adam_update<true>(pp + off, gp + off, mp + off, vp + off, n, b1, c1, b2, c2, step_size, bc2_sqrt, e);
       else
-        adam_update<false>(fp(p) + off, nullptr, fp(exp_avg[t]) + off, fp(exp_avg_sq[t]) + off, n, b1, c1,
-                           b2, c2, step_size, bc2_sqrt, e);
+        adam_update<false>(pp + off, nullptr, mp + off, vp + off, n, b1, c1, b2, c2, step_size, bc2_sqrt, e);
       r = end;
     }
   }
 }
 
+// One epoch of pba.train.fit's loop without Python in between: for each batch of `order`, a
+// train_step and an adam_step, accumulating the loss (the batch mean times its size, in double)
+// and the count of correct predictions (logit > threshold against label > 0.5) as fit does.
+// Returns them with the last batch's ids (the rows its embedding gradient may be non-zero in).
+std::tuple<double, int64_t, Tensor> train_epoch(
+    const Tensor& all_ids, const Tensor& all_labels, const Tensor& order, int64_t batch_size, Tensor previous_ids,
+    const std::vector<Tensor>& params, std::vector<Tensor> grads, const std::vector<Tensor>& exp_avg,
+    const std::vector<Tensor>& exp_avg_sq, int64_t variant, int64_t n_heads, bool over_queries, bool padding_mask,
+    bool masked_pooling, int64_t pad_id, double ln_eps, double dropout_p, int64_t seed, int64_t first_step,
+    int64_t first_adam_step, double lr, double beta1, double beta2, double eps, double threshold) {
+  TORCH_CHECK(batch_size > 0, "batch_size must be positive");
+  double loss_sum = 0.0;
+  int64_t correct = 0;
+  const int64_t n = order.numel();
+  int64_t step = first_step, adam = first_adam_step;
+  for (int64_t begin = 0; begin < n; begin += batch_size) {
+    const Tensor batch = order.narrow(0, begin, std::min(batch_size, n - begin));
+    const Tensor ids = all_ids.index_select(0, batch);
+    const Tensor labels = all_labels.index_select(0, batch);
+    const std::vector<Tensor> out = train_step(ids, previous_ids, labels, params, grads, variant, n_heads, over_queries,
+                                               padding_mask, masked_pooling, pad_id, ln_eps, dropout_p, seed, step++,
+                                               false, true);
+    adam_step(params, grads, exp_avg, exp_avg_sq, ids, ++adam, lr, beta1, beta2, eps);
+    const int64_t size = batch.numel();
+    loss_sum += static_cast<double>(out[0].item<float>()) * static_cast<double>(size);
+    const float* logit = out[1].data_ptr<float>();
+    const float* label = labels.data_ptr<float>();
+    for (int64_t b = 0; b < size; ++b) correct += (logit[b] > static_cast<float>(threshold)) == (label[b] > 0.5f);
+    previous_ids = ids;
+  }
+  return {loss_sum, correct, previous_ids};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("train_epoch", &train_epoch, "One epoch of training steps and Adam steps; loss sum, correct count, last ids");
   m.def("train_step", &train_step, "One IMDBClassifier training step: loss, logits; gradients into grads");
   m.def("adam_step", &adam_step, "Adam over every parameter, in place");
 }
