@@ -337,8 +337,8 @@ void attention_backward(const float* __restrict__ q, const float* __restrict__ k
 
 // sum over t < n (n a multiple of 4) of a[t * a_stride] * X[t * x_stride : + 8], in four
 // independent accumulators so that consecutive multiply-adds need not wait for each other.
-inline v8f weighted_rows8(const float* __restrict__ a, int64_t a_stride, const float* __restrict__ x,
-                          int64_t x_stride, int64_t n) {
+__attribute__((always_inline)) inline v8f weighted_rows8(const float* __restrict__ a, int64_t a_stride,
+                                                        const float* __restrict__ x, int64_t x_stride, int64_t n) {
   v8f acc0{}, acc1{}, acc2{}, acc3{};
   for (int64_t t = 0; t < n; t += 4) {
     acc0 += a[t * a_stride] * load8(x + t * x_stride);
@@ -517,6 +517,19 @@ Tensor linear(Tensor out, const Tensor& x, const Tensor& weight, const Tensor& b
   return out;
 }
 
+// out = max(x, 0), and g = 0 where x <= 0 (ReLU's backward), eight lanes at a time
+void relu(const float* __restrict__ x, float* __restrict__ out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(out + i, max8(load8(x + i), v8f{}));
+  for (; i < n; ++i) out[i] = std::max(x[i], 0.0f);
+}
+
+void relu_backward(const float* __restrict__ x, float* __restrict__ g, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(g + i, load8(x + i) > 0.0f ? load8(g + i) : v8f{});
+  for (; i < n; ++i) g[i] = x[i] > 0.0f ? g[i] : 0.0f;
+}
+
 // out = a * b elementwise, over n floats
 void multiply(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
@@ -644,7 +657,7 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   {
     const float* f = fp(f1);
     float* a = fp(a1);
-    for (int64_t i = 0; i < f1.numel(); ++i) a[i] = std::max(f[i], 0.0f);
+    relu(f, a, f1.numel());
   }
   Tensor f2 = linear(reused("f2", {N, d}, opts), a1, params[14], params[15]);
   Tensor r2 = reused("r2", {N, d}, opts);
@@ -714,7 +727,7 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   {
     const float* f = fp(f1);
     float* g = fp(df1);
-    for (int64_t i = 0; i < df1.numel(); ++i) g[i] *= f[i] > 0.0f ? 1.0f : 0.0f;  // branch-free
+    relu_backward(f, g, df1.numel());
   }
   at::mm_out(grads[12], df1.t(), z);
   at::sum_out(grads[13], df1, {0});
