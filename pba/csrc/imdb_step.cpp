@@ -28,27 +28,8 @@ using at::Tensor;
 
 enum Variant : int64_t { kStandard = 0, kOptimised = 1, kEfficient = 2, kSuper = 3 };
 constexpr int64_t kMaxLength = 512;  // longest input (stack buffers of the attention core)
-constexpr int64_t kMaxHead = 512;    // widest head
 
 // ---------------------------------------------------------------------------------- helpers
-inline float fast_exp(float x) {
-  // exp(x) for x <= 0 (softmax after subtracting the maximum): 2^n * p(r), |rel. error| < 2e-7.
-  x = std::max(x, -87.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 inline uint64_t splitmix64(uint64_t z) {
   z += 0x9E3779B97F4A7C15ULL;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
@@ -130,21 +111,39 @@ inline float hsum8(v8f v) {
 
 inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }
 
-inline v8f exp8(v8f x) {  // fast_exp on eight lanes
-  x = max8(x, splat8(-87.0f));
-  const v8f n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const v8f r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-  v8f p = splat8(1.9875691500e-4f);
+// The halves of exp's evaluation that differ between one float and eight.
+inline float at_least(float x, float lo) { return std::max(x, lo); }
+inline v8f at_least(v8f x, float lo) { return max8(x, splat8(lo)); }
+
+inline float power_of_two(float n) {  // 2^n for an integral n in [-126, 127]
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
+
+inline v8f power_of_two(v8f n) {
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  v8f scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return scale;
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), on a float or eight: 2^n * p(r)
+// with r = x - n ln 2, Cephes' polynomial; relative error below 2e-7.
+template <typename T>
+inline T exp_nonpositive(T x) {
+  x = at_least(x, -87.0f);
+  const T n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const T r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  T p = T{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  v8f scale;
-  __builtin_memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return p * power_of_two(n);
 }
 
 // scale[i] = keep / (1 - p) for the i-th element of a dropout site: 0 with probability p.
@@ -208,6 +207,38 @@ struct Shapes {
   int64_t B, L, d, h, dk, N;
 };
 
+// dst (width x L) = the head's columns of src (L rows of stride d), transposed.
+inline void transpose_head(const float* __restrict__ src, int64_t d, int64_t L, int64_t width,
+                           float* __restrict__ dst) {
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < width; ++c) dst[c * L + j] = src[j * d + c];
+}
+
+// rows (L x L): rows[i][:] = sum_c (a[i][c] * scale) bT[c][:], with a of stride d and bT = B^T
+inline void rows_times_transposed(const float* __restrict__ a, int64_t d, const float* __restrict__ bT, int64_t L,
+                                  int64_t width, float scale, float* __restrict__ rows) {
+  for (int64_t i = 0; i < L; ++i) {
+    float* __restrict__ row = rows + i * L;
+    for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
+    for (int64_t c = 0; c < width; ++c) {
+      const float g = a[i * d + c] * scale;
+      const float* __restrict__ bc = bT + c * L;
+      for (int64_t j = 0; j < L; ++j) row[j] += g * bc[j];
+    }
+  }
+}
+
+// out[c] = sum over t < n of a[t * a_stride] * x[t * x_stride + c], for c < width
+inline void weighted_rows(const float* __restrict__ a, int64_t a_stride, const float* __restrict__ x, int64_t x_stride,
+                          int64_t n, int64_t width, float* __restrict__ out) {
+  for (int64_t c = 0; c < width; ++c) out[c] = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float coef = a[t * a_stride];
+    const float* __restrict__ row = x + t * x_stride;
+    for (int64_t c = 0; c < width; ++c) out[c] += coef * row[c];
+  }
+}
+
 // The attention core of one (review, head): probabilities P (L x L, P[i][j] = weight of query i
 // on key j) and the head's output columns of `out`. DK is the head width when known at compile
 // time (then the loops over it unroll into single vector operations), 0 to read it from `s`.
@@ -216,17 +247,8 @@ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
                        const bool* allowed, bool over_queries, float scale, float* __restrict__ P,
                        float* __restrict__ out, const Shapes& s, float* __restrict__ kT) {
   const int64_t L = s.L, d = s.d, dk = DK > 0 ? DK : s.dk;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < dk; ++c) kT[c * L + j] = k[j * d + c];
-  for (int64_t i = 0; i < L; ++i) {  // S[i][:] = scale * sum_c Q[i][c] K^T[c][:]
-    float* __restrict__ row = P + i * L;
-    for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
-    for (int64_t c = 0; c < dk; ++c) {
-      const float qc = q[i * d + c] * scale;
-      const float* __restrict__ kc = kT + c * L;
-      for (int64_t j = 0; j < L; ++j) row[j] += qc * kc[j];
-    }
-  }
+  transpose_head(k, d, L, dk, kT);
+  rows_times_transposed(q, d, kT, L, dk, scale, P);  // S[i][:] = scale * sum_c Q[i][c] K^T[c][:]
   // keep[j] = 1 for a key that may be read, 0 for padding; bar[j] = 0 or -inf likewise
   float keep[kMaxLength], bar[kMaxLength];
   for (int64_t j = 0; j < L; ++j) {
@@ -242,7 +264,7 @@ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
         for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
         continue;
       }
-      for (int64_t j = 0; j < L; ++j) row[j] = fast_exp(row[j] - m) * keep[j];
+      for (int64_t j = 0; j < L; ++j) row[j] = exp_nonpositive(row[j] - m) * keep[j];
       const float inv = 1.0f / lane_sum(row, L);
       for (int64_t j = 0; j < L; ++j) row[j] *= inv;
     }
@@ -256,7 +278,7 @@ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
       for (int64_t j = 0; j < L; ++j) m[j] = m[j] > P[i * L + j] ? m[j] : P[i * L + j];
     for (int64_t i = 0; i < L; ++i)
       for (int64_t j = 0; j < L; ++j) {
-        const float e = fast_exp(P[i * L + j] - m[j]) * keep[j];
+        const float e = exp_nonpositive(P[i * L + j] - m[j]) * keep[j];
         P[i * L + j] = e;
         sum[j] += e;
       }
@@ -264,15 +286,7 @@ void attention_forward(const float* __restrict__ q, const float* __restrict__ k,
     for (int64_t i = 0; i < L; ++i)
       for (int64_t j = 0; j < L; ++j) P[i * L + j] *= sum[j];
   }
-  for (int64_t i = 0; i < L; ++i) {  // O[i] = sum_j P[i][j] V[j]
-    float acc[DK > 0 ? DK : kMaxHead] = {};
-    for (int64_t j = 0; j < L; ++j) {
-      const float pij = P[i * L + j];
-      const float* __restrict__ vj = v + j * d;
-      for (int64_t c = 0; c < dk; ++c) acc[c] += pij * vj[c];
-    }
-    for (int64_t c = 0; c < dk; ++c) out[i * d + c] = acc[c];
-  }
+  for (int64_t i = 0; i < L; ++i) weighted_rows(P + i * L, 1, v, d, L, dk, out + i * d);  // O[i] = sum_j P[i][j] V[j]
 }
 
 // Gradients of one (review, head): dq, dk, dv (written, not accumulated) from d_out.
@@ -282,26 +296,9 @@ void attention_backward(const float* __restrict__ q, const float* __restrict__ k
                         float* __restrict__ dq, float* __restrict__ dkey, float* __restrict__ dv, const Shapes& s,
                         float* __restrict__ vT, float* __restrict__ dS) {
   const int64_t L = s.L, d = s.d, dk = DK > 0 ? DK : s.dk;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < dk; ++c) vT[c * L + j] = v[j * d + c];
-  for (int64_t i = 0; i < L; ++i) {  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
-    float* __restrict__ row = dS + i * L;
-    for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
-    for (int64_t c = 0; c < dk; ++c) {
-      const float g = d_out[i * d + c];
-      const float* __restrict__ vc = vT + c * L;
-      for (int64_t j = 0; j < L; ++j) row[j] += g * vc[j];
-    }
-  }
-  for (int64_t j = 0; j < L; ++j) {  // dV[j] = sum_i P[i][j] dO[i]
-    float acc[DK > 0 ? DK : kMaxHead] = {};
-    for (int64_t i = 0; i < L; ++i) {
-      const float pij = P[i * L + j];
-      const float* __restrict__ g = d_out + i * d;
-      for (int64_t c = 0; c < dk; ++c) acc[c] += pij * g[c];
-    }
-    for (int64_t c = 0; c < dk; ++c) dv[j * d + c] = acc[c];
-  }
+  transpose_head(v, d, L, dk, vT);
+  rows_times_transposed(d_out, d, vT, L, dk, 1.0f, dS);  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
+  for (int64_t j = 0; j < L; ++j) weighted_rows(P + j, L, d_out, d, L, dk, dv + j * d);  // dV[j] = sum_i P[i][j] dO[i]
   if (!over_queries) {  // dS = P * (dP - rowsum(P * dP)), times the score scale
     for (int64_t i = 0; i < L; ++i) {
       const float dot = lane_dot(P + i * L, dS + i * L, L);
@@ -315,24 +312,8 @@ void attention_backward(const float* __restrict__ q, const float* __restrict__ k
     for (int64_t i = 0; i < L; ++i)
       for (int64_t j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (dS[i * L + j] - dot[j]) * scale;
   }
-  for (int64_t i = 0; i < L; ++i) {  // dQ[i] = sum_j dS[i][j] K[j]
-    float acc[DK > 0 ? DK : kMaxHead] = {};
-    for (int64_t j = 0; j < L; ++j) {
-      const float g = dS[i * L + j];
-      const float* __restrict__ kj = k + j * d;
-      for (int64_t c = 0; c < dk; ++c) acc[c] += g * kj[c];
-    }
-    for (int64_t c = 0; c < dk; ++c) dq[i * d + c] = acc[c];
-  }
-  for (int64_t j = 0; j < L; ++j) {  // dK[j] = sum_i dS[i][j] Q[i]
-    float acc[DK > 0 ? DK : kMaxHead] = {};
-    for (int64_t i = 0; i < L; ++i) {
-      const float g = dS[i * L + j];
-      const float* __restrict__ qi = q + i * d;
-      for (int64_t c = 0; c < dk; ++c) acc[c] += g * qi[c];
-    }
-    for (int64_t c = 0; c < dk; ++c) dkey[j * d + c] = acc[c];
-  }
+  for (int64_t i = 0; i < L; ++i) weighted_rows(dS + i * L, 1, k, d, L, dk, dq + i * d);  // dQ[i] = sum_j dS[i][j] K[j]
+  for (int64_t j = 0; j < L; ++j) weighted_rows(dS + j, L, q, d, L, dk, dkey + j * d);  // dK[j] = sum_i dS[i][j] Q[i]
 }
 
 // sum over t < n (n a multiple of 4) of a[t * a_stride] * X[t * x_stride : + 8], in four
@@ -357,8 +338,7 @@ void attention_forward_v8(const float* __restrict__ q, const float* __restrict__
                           float* __restrict__ out, const Shapes& s, float* __restrict__ kT) {
   static_assert(DK % 8 == 0 && DK > 0, "head width in lanes of 8");
   const int64_t L = s.L, d = s.d;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < DK; ++c) kT[c * L + j] = k[j * d + c];
+  transpose_head(k, d, L, DK, kT);
   float keep[kMaxLength], bar[kMaxLength];
   for (int64_t j = 0; j < L; ++j) {
     keep[j] = allowed[j] ? 1.0f : 0.0f;
@@ -383,7 +363,7 @@ void attention_forward_v8(const float* __restrict__ q, const float* __restrict__
       }
       v8f sum8{};
       for (int64_t j = 0; j < L; j += 8) {
-        const v8f e = exp8(load8(row + j) - m) * load8(keep + j);
+        const v8f e = exp_nonpositive(load8(row + j) - m) * load8(keep + j);
         store8(row + j, e);
         sum8 += e;
       }
@@ -398,7 +378,7 @@ void attention_forward_v8(const float* __restrict__ q, const float* __restrict__
       store8(m + j, m8);
       v8f sum8{};
       for (int64_t i = 0; i < L; ++i) {
-        const v8f e = exp8(load8(P + i * L + j) - m8) * load8(keep + j);
+        const v8f e = exp_nonpositive(load8(P + i * L + j) - m8) * load8(keep + j);
         store8(P + i * L + j, e);
         sum8 += e;
       }
@@ -422,8 +402,7 @@ void attention_backward_v8(const float* __restrict__ q, const float* __restrict_
                            const Shapes& s, float* __restrict__ vT, float* __restrict__ dS) {
   static_assert(DK % 8 == 0 && DK > 0, "head width in lanes of 8");
   const int64_t L = s.L, d = s.d;
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < DK; ++c) vT[c * L + j] = v[j * d + c];
+  transpose_head(v, d, L, DK, vT);
   for (int64_t i = 0; i < L; ++i)  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
     for (int64_t j = 0; j < L; j += 8) {
       v8f acc{};
@@ -494,7 +473,7 @@ struct AttentionBackward {
 // A buffer kept from call to call, one per name and shape: a fresh 256 KiB tensor every step
 // would cost a page fault per 4 KiB. Not for tensors handed back to Python, and like the rest of
 // this file for one thread at a time.
-Tensor reused(const char* name, at::IntArrayRef shape, const at::TensorOptions& opts) {
+Tensor reused(const std::string& name, at::IntArrayRef shape, const at::TensorOptions& opts) {
   static std::unordered_map<std::string, Tensor> buffers;
   std::string key(name);
   for (const int64_t size : shape) key += ":" + std::to_string(size);
@@ -515,6 +494,27 @@ Tensor linear(Tensor out, const Tensor& x, const Tensor& weight, const Tensor& b
   for (int64_t n = 0; n < rows; ++n)
     for (int64_t c = 0; c < cols; ++c) y[n * cols + c] += b[c];
   return out;
+}
+
+// The post-LN residual of a block: out = LayerNorm(x + a * m), m the dropout scales; xhat and
+// rstd kept for the backward. Buffers named after `tag`.
+struct Normed {
+  Tensor out, xhat, rstd;
+};
+
+Normed residual_layer_norm(const std::string& tag, const Tensor& x, const Tensor& a, const Tensor& m,
+                           const Tensor& gamma, const Tensor& beta, float eps) {
+  const int64_t rows = x.size(0), d = x.size(1);
+  const auto opts = x.options();
+  Tensor sum = reused(tag + "_sum", {rows, d}, opts);
+  float* r = sum.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *mp = m.data_ptr<float>();
+  for (int64_t i = 0; i < rows * d; ++i) r[i] = xp[i] + ap[i] * mp[i];
+  Normed n{reused(tag + "_out", {rows, d}, opts), reused(tag + "_xhat", {rows, d}, opts),
+           reused(tag + "_rstd", {rows}, opts)};
+  layer_norm_forward(r, gamma.data_ptr<float>(), beta.data_ptr<float>(), n.out.data_ptr<float>(),
+                     n.xhat.data_ptr<float>(), n.rstd.data_ptr<float>(), rows, d, eps);
+  return n;
 }
 
 // out = max(x, 0), and g = 0 where x <= 0 (ReLU's backward), eight lanes at a time
@@ -566,7 +566,7 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   s.N = s.B * s.L;
   const int64_t B = s.B, L = s.L, d = s.d, N = s.N, V = params[0].size(0);
   TORCH_CHECK(L <= params[1].size(0) && L <= kMaxLength, "ids longer than the position table");
-  TORCH_CHECK(n_heads > 0 && s.d % n_heads == 0 && s.dk <= kMaxHead, "n_heads must divide d_model");
+  TORCH_CHECK(n_heads > 0 && s.d % n_heads == 0, "n_heads must divide d_model");
   const bool learns_keys = variant == kStandard || variant == kOptimised;
   const bool learns_values = variant == kStandard;
   const bool is_super = variant == kSuper;
@@ -644,14 +644,8 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   dropout_scales(fp(m2), N * d, dropout_p, seed, step, 1);
   dropout_scales(fp(m3), B * d, dropout_p, seed, step, 2);
   dropout_scales(fp(m4), m4.numel(), dropout_p, seed, step, 3);
-  Tensor r1 = reused("r1", {N, d}, opts);
-  {
-    float* r = fp(r1);
-    const float *x = fp(x0), *a = fp(att), *m = fp(m1);
-    for (int64_t i = 0; i < N * d; ++i) r[i] = x[i] + a[i] * m[i];
-  }
-  Tensor z = reused("z", {N, d}, opts), xhat1 = reused("xhat1", {N, d}, opts), rstd1 = reused("rstd1", {N}, opts);
-  layer_norm_forward(fp(r1), fp(params[16]), fp(params[17]), fp(z), fp(xhat1), fp(rstd1), N, d, eps);
+  const Normed norm1 = residual_layer_norm("norm1", x0, att, m1, params[16], params[17], eps);
+  const Tensor &z = norm1.out, &xhat1 = norm1.xhat, &rstd1 = norm1.rstd;
   Tensor f1 = linear(reused("f1", {N, params[12].size(0)}, opts), z, params[12], params[13]);
   Tensor a1 = reused("a1", f1.sizes(), opts);
   {
@@ -660,14 +654,8 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
     relu(f, a, f1.numel());
   }
   Tensor f2 = linear(reused("f2", {N, d}, opts), a1, params[14], params[15]);
-  Tensor r2 = reused("r2", {N, d}, opts);
-  {
-    float* r = fp(r2);
-    const float *x = fp(z), *a = fp(f2), *m = fp(m2);
-    for (int64_t i = 0; i < N * d; ++i) r[i] = x[i] + a[i] * m[i];
-  }
-  Tensor x1 = reused("x1", {N, d}, opts), xhat2 = reused("xhat2", {N, d}, opts), rstd2 = reused("rstd2", {N}, opts);
-  layer_norm_forward(fp(r2), fp(params[18]), fp(params[19]), fp(x1), fp(xhat2), fp(rstd2), N, d, eps);
+  const Normed norm2 = residual_layer_norm("norm2", z, f2, m2, params[18], params[19], eps);
+  const Tensor &x1 = norm2.out, &xhat2 = norm2.xhat, &rstd2 = norm2.rstd;
   // pooling weights: 1/L each, or 1/count over real tokens
   std::vector<float> pool_w(N);
   for (int64_t b = 0; b < B; ++b) {
