@@ -130,8 +130,8 @@ class FusedIMDBStep:
                 param.grad.zero_()
         self._previous_ids = torch.empty(0, dtype=torch.int64)  # embedding rows the last step wrote
         self._grads = [none if p.numel() == 0 else p.grad for p in self._params]
-        self._variant = _VARIANT_CODES[type(attention)]
-        self._options = (
+        self._options = (  # the model's settings, in the order train_step and train_epoch take them
+            _VARIANT_CODES[type(attention)],
             attention.n_heads,
             attention.softmax_over == "queries",
             model.padding_mask,
@@ -145,14 +145,9 @@ class FusedIMDBStep:
         """Loss ``()`` and logits ``(B,)``; with ``return_masks`` also the four dropout scale tensors
         (0 or ``1 / (1 - p)``: after attention ``(B*L, d)``, after the FFN ``(B*L, d)``, on the
         pooled vector ``(B, d)`` and on the head's hidden layer ``(B, 6)``)."""
-        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"ids must be an integer tensor (batch, length), got {ids.dtype} {tuple(ids.shape)}")
+        self.model.check_ids(ids)
         if labels.shape != ids.shape[:1]:
             raise ValueError(f"labels must have shape ({ids.shape[0]},), got {tuple(labels.shape)}")
-        if ids.shape[1] > self.model.context_length:
-            raise ValueError(
-                f"ids must have at most context_length={self.model.context_length} tokens, got {ids.shape[1]}"
-            )
         for param, grad in zip(self._params, self._grads):
             if param.numel() and param.grad is not grad:
                 raise RuntimeError("a parameter's .grad was replaced; FusedIMDBStep writes into its own tensors")
@@ -164,7 +159,6 @@ class FusedIMDBStep:
             labels.to(torch.float32).contiguous(),
             self._params,
             self._grads,
-            self._variant,
             *self._options,
             dropout,
             self.seed,
@@ -188,18 +182,16 @@ class FusedIMDBStep:
         """
         if optimizer.fused_step is not self:
             raise ValueError("optimizer must be a FusedAdam over this FusedIMDBStep")
-        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64) or labels.shape != ids.shape[:1]:
-            raise ValueError(
-                f"ids must be integers (n, length) and labels (n,), got {ids.dtype} {tuple(ids.shape)} "
-                f"and {tuple(labels.shape)}"
-            )
+        self.model.check_ids(ids)
+        if labels.shape != ids.shape[:1]:
+            raise ValueError(f"labels must have shape ({ids.shape[0]},), got {tuple(labels.shape)}")
         if not self.model.training:
             raise ValueError("train_epoch needs the model in training mode (model.train())")
         loss_sum, correct, last_ids = self._extension.train_epoch(
             ids.to(torch.int64).contiguous(), labels.to(torch.float32).contiguous(), order.to(torch.int64).contiguous(),
             batch_size,
             self._previous_ids, self._params, self._grads, optimizer.exp_avg, optimizer.exp_avg_sq,
-            self._variant, *self._options, self.model.blocks[0].dropout1.p, self.seed, self.steps_taken,
+            *self._options, self.model.blocks[0].dropout1.p, self.seed, self.steps_taken,
             optimizer.steps_taken, optimizer.lr, optimizer.betas[0], optimizer.betas[1], optimizer.eps, threshold,
         )
         batches = -(-len(order) // batch_size)
@@ -211,18 +203,13 @@ class FusedIMDBStep:
     @torch.no_grad()
     def logits(self, ids: Tensor, *, batch_size: int = 256) -> Tensor:
         """The model's logits ``(B,)`` in eval mode (no dropout, no gradients), ``batch_size`` at a time."""
-        if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"ids must be an integer tensor (batch, length), got {ids.dtype} {tuple(ids.shape)}")
-        if ids.shape[1] > self.model.context_length:
-            raise ValueError(
-                f"ids must have at most context_length={self.model.context_length} tokens, got {ids.shape[1]}"
-            )
+        self.model.check_ids(ids)
         ids = ids.to(torch.int64)
         none = torch.empty(0)
         chunks = [
             self._extension.train_step(
                 ids[start : start + batch_size].contiguous(), self._previous_ids, none, self._params, self._grads,
-                self._variant, *self._options, 0.0, self.seed, self.steps_taken, False, False,
+                *self._options, 0.0, self.seed, self.steps_taken, False, False,
             )[0]
             for start in range(0, len(ids), batch_size)
         ]

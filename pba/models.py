@@ -109,14 +109,18 @@ class IMDBClassifier(nn.Module):
             nn.Linear(6, 1),
         )
 
-    def forward(self, ids: Tensor) -> Tensor:
-        """Token ids ``(B, L)`` with ``L <= context_length`` -> logits ``(B,)``."""
+    def check_ids(self, ids: Tensor) -> None:
+        """Raise a ``ValueError`` unless ``ids`` is an integer ``(B, L)`` tensor with ``L <= context_length``."""
         if ids.dim() != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be an integer tensor (batch, length), got {ids.dtype} {tuple(ids.shape)}")
         if ids.shape[1] > self.context_length:
             raise ValueError(
                 f"ids must have at most context_length={self.context_length} tokens, got {ids.shape[1]}"
             )
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids ``(B, L)`` with ``L <= context_length`` -> logits ``(B,)``."""
+        self.check_ids(ids)
         real = ids != self.pad_id  # (B, L)
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, L, d_model)
