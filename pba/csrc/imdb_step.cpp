@@ -97,18 +97,6 @@ inline void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof v); }
 
 inline v8f splat8(float x) { return v8f{} + x; }
 
-inline float hmax8(v8f v) {
-  float m = v[0];
-  for (int t = 1; t < 8; ++t) m = std::max(m, v[t]);
-  return m;
-}
-
-inline float hsum8(v8f v) {
-  float total = 0.0f;
-  for (int t = 0; t < 8; ++t) total += v[t];
-  return total;
-}
-
 inline v8f max8(v8f a, v8f b) { return a > b ? a : b; }
 
 // The halves of exp's evaluation that differ between one float and eight.
@@ -207,268 +195,179 @@ struct Shapes {
   int64_t B, L, d, h, dk, N;
 };
 
-// dst (width x L) = the head's columns of src (L rows of stride d), transposed.
-inline void transpose_head(const float* __restrict__ src, int64_t d, int64_t L, int64_t width,
-                           float* __restrict__ dst) {
-  for (int64_t j = 0; j < L; ++j)
-    for (int64_t c = 0; c < width; ++c) dst[c * L + j] = src[j * d + c];
-}
+// ---------------------------------------------------------------------- small matrix products
+// C = init + A B at the step's sizes (2048 tokens by 32 x 32 weights, or the weight gradients'
+// 32 x 32 outputs summed over 2048 tokens), where MKL's general routine spends as long packing
+// and pre-scaling its operands as multiplying them. A is read in either orientation,
+// A(m, k) = a[m * a_row + k * a_col]; B(k, n) = b[k * ldb + n]; init(m, n) = init[m * ld_init + n]
+// with ld_init = 0 for a bias (one row), init = c to accumulate, nullptr for zero.
+struct MatrixA {
+  const float* p;
+  int64_t row, col;
+};
 
-// rows (L x L): rows[i][:] = sum_c (a[i][c] * scale) bT[c][:], with a of stride d and bT = B^T
-inline void rows_times_transposed(const float* __restrict__ a, int64_t d, const float* __restrict__ bT, int64_t L,
-                                  int64_t width, float scale, float* __restrict__ rows) {
-  for (int64_t i = 0; i < L; ++i) {
-    float* __restrict__ row = rows + i * L;
-    for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
-    for (int64_t c = 0; c < width; ++c) {
-      const float g = a[i * d + c] * scale;
-      const float* __restrict__ bc = bT + c * L;
-      for (int64_t j = 0; j < L; ++j) row[j] += g * bc[j];
+// One tile of MR rows and NV * 8 columns: MR * NV accumulators stay in registers for all of K.
+template <int MR, int NV>
+__attribute__((always_inline)) inline void gemm_tile(int64_t K, MatrixA a, const float* __restrict__ b, int64_t ldb, float* c, int64_t ldc,
+                      const float* init, int64_t ld_init) {
+  v8f acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = init ? load8(init + r * ld_init + 8 * v) : v8f{};
+  const float* rows[MR];
+  for (int r = 0; r < MR; ++r) rows[r] = a.p + r * a.row;
+  for (int64_t k = 0; k < K; ++k) {
+    v8f bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = load8(b + k * ldb + 8 * v);
+    for (int r = 0; r < MR; ++r) {
+      const float ark = rows[r][k * a.col];
+      for (int v = 0; v < NV; ++v) acc[r][v] += ark * bk[v];
     }
   }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) store8(c + r * ldc + 8 * v, acc[r][v]);
 }
 
-// out[c] = sum over t < n of a[t * a_stride] * x[t * x_stride + c], for c < width
-inline void weighted_rows(const float* __restrict__ a, int64_t a_stride, const float* __restrict__ x, int64_t x_stride,
-                          int64_t n, int64_t width, float* __restrict__ out) {
-  for (int64_t c = 0; c < width; ++c) out[c] = 0.0f;
-  for (int64_t t = 0; t < n; ++t) {
-    const float coef = a[t * a_stride];
-    const float* __restrict__ row = x + t * x_stride;
-    for (int64_t c = 0; c < width; ++c) out[c] += coef * row[c];
+// Every row of a panel of NV * 8 columns, in tiles of 6 rows of two vectors or 8 rows of one
+// (enough independent multiply-adds to hide their latency), then the last rows.
+template <int NV>
+void gemm_panel(int64_t M, int64_t K, MatrixA a, const float* b, int64_t ldb, float* c, int64_t ldc, const float* init,
+                int64_t ld_init) {
+  static_assert(NV == 1 || NV == 2, "one or two vectors of columns");
+  constexpr int kRows = NV == 1 ? 8 : 6;
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows)
+    gemm_tile<kRows, NV>(K, {a.p + m * a.row, a.row, a.col}, b, ldb, c + m * ldc, ldc,
+                         init ? init + m * ld_init : nullptr, ld_init);
+  const MatrixA rest{a.p + m * a.row, a.row, a.col};
+  float* c_rest = c + m * ldc;
+  const float* init_rest = init ? init + m * ld_init : nullptr;
+  switch (M - m) {  // at most kRows - 1
+    case 7: if constexpr (kRows > 7) gemm_tile<7, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    case 6: if constexpr (kRows > 6) gemm_tile<6, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    case 5: if constexpr (kRows > 5) gemm_tile<5, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    case 4: if constexpr (kRows > 4) gemm_tile<4, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    case 3: gemm_tile<3, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    case 2: gemm_tile<2, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    case 1: gemm_tile<1, NV>(K, rest, b, ldb, c_rest, ldc, init_rest, ld_init); break;
+    default: break;
   }
+}
+
+// C (M x N, rows ldc apart) = init + A B, for any sizes: panels of 16 and 8 columns, then the
+// last N % 8 columns one at a time. C must not overlap A or B.
+void gemm(int64_t M, int64_t N, int64_t K, MatrixA a, const float* b, int64_t ldb, float* c, int64_t ldc,
+          const float* init, int64_t ld_init) {
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) gemm_panel<2>(M, K, a, b + n, ldb, c + n, ldc, init ? init + n : nullptr, ld_init);
+  for (; n + 8 <= N; n += 8) gemm_panel<1>(M, K, a, b + n, ldb, c + n, ldc, init ? init + n : nullptr, ld_init);
+  for (; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float sum = init ? init[m * ld_init + n] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += a.p[m * a.row + k * a.col] * b[k * ldb + n];
+      c[m * ldc + n] = sum;
+    }
+}
+
+// ------------------------------------------------------------------------- the attention core
+// load(p, T{}) and store: one float or eight, so that one loop body serves both (for_lanes).
+inline float load(const float* p, float) { return *p; }
+inline v8f load(const float* p, v8f) { return load8(p); }
+inline void store(float* p, float x) { *p = x; }
+inline void store(float* p, v8f x) { store8(p, x); }
+inline float max_of(float a, float b) { return a > b ? a : b; }
+inline v8f max_of(v8f a, v8f b) { return max8(a, b); }
+
+// f(j, T{}) for j = 0, 8, 16, ... with T = v8f while eight lanes fit, then with T = float.
+template <typename F>
+inline void for_lanes(int64_t n, F&& f) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) f(j, v8f{});
+  for (; j < n; ++j) f(j, float{});
+}
+
+// dst (width x L) = scale * the head's columns of src (L rows, d apart), transposed.
+inline void transpose_head(const float* __restrict__ src, int64_t d, int64_t L, int64_t width, float scale,
+                           float* __restrict__ dst) {
+  for (int64_t j = 0; j < L; ++j)
+    for (int64_t c = 0; c < width; ++c) dst[c * L + j] = scale * src[j * d + c];
 }
 
 // The attention core of one (review, head): probabilities P (L x L, P[i][j] = weight of query i
-// on key j) and the head's output columns of `out`. DK is the head width when known at compile
-// time (then the loops over it unroll into single vector operations), 0 to read it from `s`.
-template <int DK>
-void attention_forward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                       const bool* allowed, bool over_queries, float scale, float* __restrict__ P,
-                       float* __restrict__ out, const Shapes& s, float* __restrict__ kT) {
-  const int64_t L = s.L, d = s.d, dk = DK > 0 ? DK : s.dk;
-  transpose_head(k, d, L, dk, kT);
-  rows_times_transposed(q, d, kT, L, dk, scale, P);  // S[i][:] = scale * sum_c Q[i][c] K^T[c][:]
+// on key j) and the head's output columns of `out`; q, k, v and out are the head's first columns
+// of rows d apart. The four products are small gemms; kT is L * dk floats of scratch.
+void attention_forward(const float* q, const float* k, const float* v, const bool* allowed, bool over_queries,
+                       float scale, float* __restrict__ P, float* out, const Shapes& s, float* kT) {
+  const int64_t L = s.L, d = s.d, dk = s.dk;
   // keep[j] = 1 for a key that may be read, 0 for padding; bar[j] = 0 or -inf likewise
   float keep[kMaxLength], bar[kMaxLength];
   for (int64_t j = 0; j < L; ++j) {
     keep[j] = allowed[j] ? 1.0f : 0.0f;
     bar[j] = allowed[j] ? 0.0f : -INFINITY;
   }
-  if (!over_queries) {  // softmax over keys: each row
-    for (int64_t i = 0; i < L; ++i) {
-      float* __restrict__ row = P + i * L;
-      for (int64_t j = 0; j < L; ++j) row[j] += bar[j];
-      const float m = lane_max(row, L);
-      if (m == -INFINITY) {  // no key to read: all-zero weights
-        for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
-        continue;
-      }
-      for (int64_t j = 0; j < L; ++j) row[j] = exp_nonpositive(row[j] - m) * keep[j];
-      const float inv = 1.0f / lane_sum(row, L);
-      for (int64_t j = 0; j < L; ++j) row[j] *= inv;
-    }
-  } else {  // softmax over queries: each column; a padded key's column is all zero
-    float m[kMaxLength], sum[kMaxLength];
-    for (int64_t j = 0; j < L; ++j) {
-      m[j] = -INFINITY;
-      sum[j] = 0.0f;
-    }
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < L; ++j) m[j] = m[j] > P[i * L + j] ? m[j] : P[i * L + j];
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < L; ++j) {
-        const float e = exp_nonpositive(P[i * L + j] - m[j]) * keep[j];
-        P[i * L + j] = e;
-        sum[j] += e;
-      }
-    for (int64_t j = 0; j < L; ++j) sum[j] = allowed[j] ? 1.0f / sum[j] : 0.0f;  // an allowed sum is >= 1
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < L; ++j) P[i * L + j] *= sum[j];
-  }
-  for (int64_t i = 0; i < L; ++i) weighted_rows(P + i * L, 1, v, d, L, dk, out + i * d);  // O[i] = sum_j P[i][j] V[j]
-}
-
-// Gradients of one (review, head): dq, dk, dv (written, not accumulated) from d_out.
-template <int DK>
-void attention_backward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                        const float* __restrict__ P, const float* __restrict__ d_out, bool over_queries, float scale,
-                        float* __restrict__ dq, float* __restrict__ dkey, float* __restrict__ dv, const Shapes& s,
-                        float* __restrict__ vT, float* __restrict__ dS) {
-  const int64_t L = s.L, d = s.d, dk = DK > 0 ? DK : s.dk;
-  transpose_head(v, d, L, dk, vT);
-  rows_times_transposed(d_out, d, vT, L, dk, 1.0f, dS);  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
-  for (int64_t j = 0; j < L; ++j) weighted_rows(P + j, L, d_out, d, L, dk, dv + j * d);  // dV[j] = sum_i P[i][j] dO[i]
-  if (!over_queries) {  // dS = P * (dP - rowsum(P * dP)), times the score scale
-    for (int64_t i = 0; i < L; ++i) {
-      const float dot = lane_dot(P + i * L, dS + i * L, L);
-      for (int64_t j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (dS[i * L + j] - dot) * scale;
-    }
-  } else {  // the same down each column
-    float dot[kMaxLength];
-    for (int64_t j = 0; j < L; ++j) dot[j] = 0.0f;
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < L; ++j) dot[j] += P[i * L + j] * dS[i * L + j];
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < L; ++j) dS[i * L + j] = P[i * L + j] * (dS[i * L + j] - dot[j]) * scale;
-  }
-  for (int64_t i = 0; i < L; ++i) weighted_rows(dS + i * L, 1, k, d, L, dk, dq + i * d);  // dQ[i] = sum_j dS[i][j] K[j]
-  for (int64_t j = 0; j < L; ++j) weighted_rows(dS + j, L, q, d, L, dk, dkey + j * d);  // dK[j] = sum_i dS[i][j] Q[i]
-}
-
-// sum over t < n (n a multiple of 4) of a[t * a_stride] * X[t * x_stride : + 8], in four
-// independent accumulators so that consecutive multiply-adds need not wait for each other.
-__attribute__((always_inline)) inline v8f weighted_rows8(const float* __restrict__ a, int64_t a_stride,
-                                                        const float* __restrict__ x, int64_t x_stride, int64_t n) {
-  v8f acc0{}, acc1{}, acc2{}, acc3{};
-  for (int64_t t = 0; t < n; t += 4) {
-    acc0 += a[t * a_stride] * load8(x + t * x_stride);
-    acc1 += a[(t + 1) * a_stride] * load8(x + (t + 1) * x_stride);
-    acc2 += a[(t + 2) * a_stride] * load8(x + (t + 2) * x_stride);
-    acc3 += a[(t + 3) * a_stride] * load8(x + (t + 3) * x_stride);
-  }
-  return (acc0 + acc1) + (acc2 + acc3);
-}
-
-// The same two functions with every loop over keys, queries or head columns eight lanes wide;
-// for L and DK multiples of 8.
-template <int DK>
-void attention_forward_v8(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                          const bool* allowed, bool over_queries, float scale, float* __restrict__ P,
-                          float* __restrict__ out, const Shapes& s, float* __restrict__ kT) {
-  static_assert(DK % 8 == 0 && DK > 0, "head width in lanes of 8");
-  const int64_t L = s.L, d = s.d;
-  transpose_head(k, d, L, DK, kT);
-  float keep[kMaxLength], bar[kMaxLength];
-  for (int64_t j = 0; j < L; ++j) {
-    keep[j] = allowed[j] ? 1.0f : 0.0f;
-    bar[j] = allowed[j] ? 0.0f : -INFINITY;
-  }
-  for (int64_t i = 0; i < L; ++i) {  // S[i][:] = scale * sum_c Q[i][c] K^T[c][:]  (+ bar when over keys)
-    for (int64_t j = 0; j < L; j += 8) {
-      v8f acc = over_queries ? v8f{} : load8(bar + j);
-      for (int64_t c = 0; c < DK; ++c) acc += (q[i * d + c] * scale) * load8(kT + c * L + j);
-      store8(P + i * L + j, acc);
-    }
-  }
+  transpose_head(k, d, L, dk, scale, kT);
+  // S = scale Q K^T, plus bar on every row when the softmax runs over keys
+  gemm(L, L, dk, {q, d, 1}, kT, L, P, L, over_queries ? nullptr : bar, 0);
   if (!over_queries) {  // softmax over keys: each row
     for (int64_t i = 0; i < L; ++i) {
       float* row = P + i * L;
-      v8f m8 = splat8(-INFINITY);
-      for (int64_t j = 0; j < L; j += 8) m8 = max8(m8, load8(row + j));
-      const float m = hmax8(m8);
+      const float m = lane_max(row, L);
       if (m == -INFINITY) {  // no key to read: all-zero weights
-        for (int64_t j = 0; j < L; ++j) row[j] = 0.0f;
+        std::fill(row, row + L, 0.0f);
         continue;
       }
-      v8f sum8{};
-      for (int64_t j = 0; j < L; j += 8) {
-        const v8f e = exp_nonpositive(load8(row + j) - m) * load8(keep + j);
-        store8(row + j, e);
-        sum8 += e;
-      }
-      const float inv = 1.0f / hsum8(sum8);
-      for (int64_t j = 0; j < L; j += 8) store8(row + j, load8(row + j) * inv);
+      for_lanes(L, [&](int64_t j, auto lanes) {
+        store(row + j, exp_nonpositive(load(row + j, lanes) - m) * load(keep + j, lanes));
+      });
+      const float inv = 1.0f / lane_sum(row, L);
+      for_lanes(L, [&](int64_t j, auto lanes) { store(row + j, load(row + j, lanes) * inv); });
     }
   } else {  // softmax over queries: each column; a padded key's column is all zero
-    float m[kMaxLength], sum[kMaxLength];
-    for (int64_t j = 0; j < L; j += 8) {
-      v8f m8 = splat8(-INFINITY);
-      for (int64_t i = 0; i < L; ++i) m8 = max8(m8, load8(P + i * L + j));
-      store8(m + j, m8);
-      v8f sum8{};
+    for_lanes(L, [&](int64_t j, auto lanes) {
+      using T = decltype(lanes);
+      T m = T{} - INFINITY, sum{};
+      for (int64_t i = 0; i < L; ++i) m = max_of(m, load(P + i * L + j, lanes));
       for (int64_t i = 0; i < L; ++i) {
-        const v8f e = exp_nonpositive(load8(P + i * L + j) - m8) * load8(keep + j);
-        store8(P + i * L + j, e);
-        sum8 += e;
+        const T e = exp_nonpositive(load(P + i * L + j, lanes) - m) * load(keep + j, lanes);
+        store(P + i * L + j, e);
+        sum += e;
       }
-      store8(sum + j, sum8);
-    }
-    for (int64_t j = 0; j < L; ++j) sum[j] = allowed[j] ? 1.0f / sum[j] : 0.0f;  // an allowed sum is >= 1
-    for (int64_t i = 0; i < L; ++i)
-      for (int64_t j = 0; j < L; j += 8) store8(P + i * L + j, load8(P + i * L + j) * load8(sum + j));
+      const T inv = load(keep + j, lanes) / max_of(sum, T{} + 1.0f);  // an allowed column sums to >= 1
+      for (int64_t i = 0; i < L; ++i) store(P + i * L + j, load(P + i * L + j, lanes) * inv);
+    });
   }
-  for (int64_t i = 0; i < L; ++i) {  // O[i] = sum_j P[i][j] V[j]
-    for (int64_t c = 0; c < DK; c += 8) {
-      store8(out + i * d + c, weighted_rows8(P + i * L, 1, v + c, d, L));
-    }
-  }
+  gemm(L, dk, L, {P, L, 1}, v, d, out, d, nullptr, 0);  // O = P V
 }
 
-template <int DK>
-void attention_backward_v8(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                           const float* __restrict__ P, const float* __restrict__ d_out, bool over_queries,
-                           float scale, float* __restrict__ dq, float* __restrict__ dkey, float* __restrict__ dv,
-                           const Shapes& s, float* __restrict__ vT, float* __restrict__ dS) {
-  static_assert(DK % 8 == 0 && DK > 0, "head width in lanes of 8");
-  const int64_t L = s.L, d = s.d;
-  transpose_head(v, d, L, DK, vT);
-  for (int64_t i = 0; i < L; ++i)  // dP[i][:] = sum_c dO[i][c] V^T[c][:]
-    for (int64_t j = 0; j < L; j += 8) {
-      v8f acc{};
-      for (int64_t c = 0; c < DK; ++c) acc += d_out[i * d + c] * load8(vT + c * L + j);
-      store8(dS + i * L + j, acc);
-    }
-  for (int64_t j = 0; j < L; ++j)  // dV[j] = sum_i P[i][j] dO[i]
-    for (int64_t c = 0; c < DK; c += 8) {
-      store8(dv + j * d + c, weighted_rows8(P + j, L, d_out + c, d, L));
-    }
+// Gradients of one (review, head): dq, dk, dv (written, not accumulated) from d_out; vT is
+// L * dk floats of scratch, dS L * L.
+void attention_backward(const float* q, const float* k, const float* v, const float* P, const float* d_out,
+                        bool over_queries, float scale, float* dq, float* dkey, float* dv, const Shapes& s, float* vT,
+                        float* __restrict__ dS) {
+  const int64_t L = s.L, d = s.d, dk = s.dk;
+  transpose_head(v, d, L, dk, 1.0f, vT);
+  gemm(L, L, dk, {d_out, d, 1}, vT, L, dS, L, nullptr, 0);  // dP = dO V^T
+  gemm(L, dk, L, {P, 1, L}, d_out, d, dv, d, nullptr, 0);   // dV = P^T dO
   if (!over_queries) {  // dS = P * (dP - rowsum(P * dP)), times the score scale
     for (int64_t i = 0; i < L; ++i) {
-      v8f dot8{};
-      for (int64_t j = 0; j < L; j += 8) dot8 += load8(P + i * L + j) * load8(dS + i * L + j);
-      const float dot = hsum8(dot8);
-      for (int64_t j = 0; j < L; j += 8)
-        store8(dS + i * L + j, load8(P + i * L + j) * (load8(dS + i * L + j) - dot) * scale);
+      const float* p = P + i * L;
+      float* g = dS + i * L;
+      const float dot = lane_dot(p, g, L);
+      for_lanes(L, [&](int64_t j, auto lanes) {
+        store(g + j, load(p + j, lanes) * (load(g + j, lanes) - dot) * scale);
+      });
     }
   } else {  // the same down each column
-    for (int64_t j = 0; j < L; j += 8) {
-      v8f dot8{};
-      for (int64_t i = 0; i < L; ++i) dot8 += load8(P + i * L + j) * load8(dS + i * L + j);
+    for_lanes(L, [&](int64_t j, auto lanes) {
+      using T = decltype(lanes);
+      T dot{};
+      for (int64_t i = 0; i < L; ++i) dot += load(P + i * L + j, lanes) * load(dS + i * L + j, lanes);
       for (int64_t i = 0; i < L; ++i)
-        store8(dS + i * L + j, load8(P + i * L + j) * (load8(dS + i * L + j) - dot8) * scale);
-    }
+        store(dS + i * L + j, load(P + i * L + j, lanes) * (load(dS + i * L + j, lanes) - dot) * scale);
+    });
   }
-  for (int64_t i = 0; i < L; ++i)  // dQ[i] = sum_j dS[i][j] K[j]
-    for (int64_t c = 0; c < DK; c += 8) {
-      store8(dq + i * d + c, weighted_rows8(dS + i * L, 1, k + c, d, L));
-    }
-  for (int64_t j = 0; j < L; ++j)  // dK[j] = sum_i dS[i][j] Q[i]
-    for (int64_t c = 0; c < DK; c += 8) {
-      store8(dkey + j * d + c, weighted_rows8(dS + j, L, q + c, d, L));
-    }
+  gemm(L, dk, L, {dS, L, 1}, k, d, dq, d, nullptr, 0);    // dQ = dS K
+  gemm(L, dk, L, {dS, 1, L}, q, d, dkey, d, nullptr, 0);  // dK = dS^T Q
 }
-
-// Calls the attention core with the head width as a compile-time constant where it is a common
-// one, eight lanes wide where the length allows.
-template <template <int, bool> class F, typename... Args>
-void with_head_width(int64_t dk, int64_t length, Args&&... args) {
-  const bool lanes = length % 8 == 0;
-  switch (dk) {
-    case 8: lanes ? F<8, true>::run(std::forward<Args>(args)...) : F<8, false>::run(std::forward<Args>(args)...); break;
-    case 16: lanes ? F<16, true>::run(std::forward<Args>(args)...) : F<16, false>::run(std::forward<Args>(args)...); break;
-    case 32: lanes ? F<32, true>::run(std::forward<Args>(args)...) : F<32, false>::run(std::forward<Args>(args)...); break;
-    default: F<0, false>::run(std::forward<Args>(args)...);
-  }
-}
-
-template <int DK, bool Lanes>
-struct AttentionForward {
-  template <typename... Args>
-  static void run(Args&&... args) {
-    if constexpr (Lanes) attention_forward_v8<DK>(std::forward<Args>(args)...);
-    else attention_forward<DK>(std::forward<Args>(args)...);
-  }
-};
-
-template <int DK, bool Lanes>
-struct AttentionBackward {
-  template <typename... Args>
-  static void run(Args&&... args) {
-    if constexpr (Lanes) attention_backward_v8<DK>(std::forward<Args>(args)...);
-    else attention_backward<DK>(std::forward<Args>(args)...);
-  }
-};
 
 // A buffer kept from call to call, one per name and shape: a fresh 256 KiB tensor every step
 // would cost a page fault per 4 KiB. Not for tensors handed back to Python, and like the rest of
@@ -484,16 +383,37 @@ Tensor reused(const std::string& name, at::IntArrayRef shape, const at::TensorOp
   return buffer;
 }
 
-// out = x W^T + b through MKL's product, the bias added in a loop (addmm would first copy the
-// broadcast bias into the output, which costs more than the loop here).
-Tensor linear(Tensor out, const Tensor& x, const Tensor& weight, const Tensor& bias) {
-  at::mm_out(out, x, weight.t());
-  float* y = out.data_ptr<float>();
-  const float* b = bias.data_ptr<float>();
-  const int64_t rows = out.size(0), cols = out.size(1);
+// The three products of a linear layer y = x W^T + bias (x: rows x in, W: out x in), all tensors
+// contiguous.
+Tensor linear(Tensor y, const Tensor& x, const Tensor& weight, const Tensor& bias) {  // y = x W^T + bias
+  const int64_t rows = x.size(0), in = x.size(1), out = weight.size(0);
+  std::vector<float> weight_t(in * out);  // W^T (in x out): B's rows must be contiguous
+  const float* w = fp(weight);
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) weight_t[i * out + o] = w[o * in + i];
+  gemm(rows, out, in, {fp(x), in, 1}, weight_t.data(), out, fp(y), out, fp(bias), 0);
+  return y;
+}
+
+void linear_input_grad(const Tensor& dy, const Tensor& weight, float* dx, const float* init) {  // dx = init + dy W
+  const int64_t rows = dy.size(0), out = weight.size(0), in = weight.size(1);
+  gemm(rows, in, out, {fp(dy), out, 1}, fp(weight), in, dx, in, init, in);
+}
+
+void linear_param_grads(const Tensor& dy, const Tensor& x, Tensor& dweight, Tensor& dbias) {  // dW = dy^T x, db = sum dy
+  const int64_t rows = dy.size(0), out = dy.size(1), in = x.size(1);
+  const float* g = fp(dy);
+  // in slices of 64 tokens (16 KiB of dy and x at d = 32): each slice is read from L2 once and
+  // reused from L1 by every tile of dW, instead of every tile streaming all of dy and x
+  constexpr int64_t kSlice = 64;
+  float* dw = fp(dweight);
+  for (int64_t k = 0; k < rows; k += kSlice)
+    gemm(out, in, std::min(kSlice, rows - k), {g + k * out, 1, out}, fp(x) + k * in, in, dw, in, k == 0 ? nullptr : dw,
+         in);
+  float* db = fp(dbias);
+  std::fill(db, db + out, 0.0f);
   for (int64_t n = 0; n < rows; ++n)
-    for (int64_t c = 0; c < cols; ++c) y[n * cols + c] += b[c];
-  return out;
+    for (int64_t o = 0; o < out; ++o) db[o] += g[n * out + o];
 }
 
 // The post-LN residual of a block: out = LayerNorm(x + a * m), m the dropout scales; xhat and
@@ -633,8 +553,8 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
     for (int64_t j = 0; j < L; ++j) allowed[j] = !padding_mask || real[b * L + j];
     for (int64_t hh = 0; hh < s.h; ++hh) {
       const int64_t off = b * L * d + hh * s.dk;
-      with_head_width<AttentionForward>(s.dk, L, qp + off, kp + off, vp + off, allowed, over_queries, scale,
-                                        probs_p + (b * s.h + hh) * L * L, heads_p + off, s, scratch.data());
+      attention_forward(qp + off, kp + off, vp + off, allowed, over_queries, scale, probs_p + (b * s.h + hh) * L * L,
+                        heads_p + off, s, scratch.data());
     }
   }
   Tensor att = linear(reused("att", {N, d}, opts), heads, params[8], params[9]);
@@ -708,27 +628,24 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   layer_norm_backward(fp(dx1), fp(xhat2), fp(rstd2), fp(params[18]), fp(dr2), fp(grads[18]), fp(grads[19]), N, d);
   Tensor df2 = reused("df2", {N, d}, opts);
   multiply(fp(dr2), fp(m2), fp(df2), N * d);
-  at::mm_out(grads[14], df2.t(), a1);
-  at::sum_out(grads[15], df2, {0});
+  linear_param_grads(df2, a1, grads[14], grads[15]);
   Tensor df1 = reused("df1", f1.sizes(), opts);
-  at::mm_out(df1, df2, params[14]);
+  linear_input_grad(df2, params[14], fp(df1), nullptr);
   {
     const float* f = fp(f1);
     float* g = fp(df1);
     relu_backward(f, g, df1.numel());
   }
-  at::mm_out(grads[12], df1.t(), z);
-  at::sum_out(grads[13], df1, {0});
+  linear_param_grads(df1, z, grads[12], grads[13]);
   Tensor dz = reused("dz", {N, d}, opts);
-  at::addmm_out(dz, dr2, df1, params[12]);
+  linear_input_grad(df1, params[12], fp(dz), fp(dr2));
   Tensor dr1 = reused("dr1", {N, d}, opts);
   layer_norm_backward(fp(dz), fp(xhat1), fp(rstd1), fp(params[16]), fp(dr1), fp(grads[16]), fp(grads[17]), N, d);
   Tensor datt = reused("datt", {N, d}, opts);
   multiply(fp(dr1), fp(m1), fp(datt), N * d);
-  at::mm_out(grads[8], datt.t(), heads);
-  at::sum_out(grads[9], datt, {0});
+  linear_param_grads(datt, heads, grads[8], grads[9]);
   Tensor dheads = reused("dheads", {N, d}, opts);
-  at::mm_out(dheads, datt, params[8]);
+  linear_input_grad(datt, params[8], fp(dheads), nullptr);
   Tensor dq = reused("dq", {N, d}, opts), dk = reused("dk", {N, d}, opts), dv = reused("dv", {N, d}, opts);
   std::vector<float> scratch2(L * L);
   const float* dheads_p = fp(dheads);
@@ -736,26 +653,22 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
   for (int64_t b = 0; b < B; ++b)
     for (int64_t hh = 0; hh < s.h; ++hh) {
       const int64_t off = b * L * d + hh * s.dk;
-      with_head_width<AttentionBackward>(s.dk, L, qp + off, kp + off, vp + off, probs_p + (b * s.h + hh) * L * L,
-                                         dheads_p + off, over_queries, scale, dq_p + off, dk_p + off, dv_p + off, s,
-                                         scratch.data(), scratch2.data());
+      attention_backward(qp + off, kp + off, vp + off, probs_p + (b * s.h + hh) * L * L, dheads_p + off, over_queries,
+                         scale, dq_p + off, dk_p + off, dv_p + off, s, scratch.data(), scratch2.data());
     }
   // dx0 = dr1 (residual) + the projections' input gradients
   Tensor dx0 = reused("dx0", {N, d}, opts);
-  at::addmm_out(dx0, dr1, dq, params[2]);
-  at::mm_out(grads[2], dq.t(), x0);
-  at::sum_out(grads[3], dq, {0});
+  linear_input_grad(dq, params[2], fp(dx0), fp(dr1));
+  linear_param_grads(dq, x0, grads[2], grads[3]);
   if (learns_keys) {
-    at::mm_out(grads[4], dk.t(), x0);
-    at::sum_out(grads[5], dk, {0});
-    dx0.addmm_(dk, params[4]);
+    linear_param_grads(dk, x0, grads[4], grads[5]);
+    linear_input_grad(dk, params[4], fp(dx0), fp(dx0));
   } else {
     dx0.add_(dk);
   }
   if (learns_values) {
-    at::mm_out(grads[6], dv.t(), x0);
-    at::sum_out(grads[7], dv, {0});
-    dx0.addmm_(dv, params[6]);
+    linear_param_grads(dv, x0, grads[6], grads[7]);
+    linear_input_grad(dv, params[6], fp(dx0), fp(dx0));
   } else if (!is_super) {
     dx0.add_(dv);
   } else {  // V = W^A Xm (+ bias): dW^A = dV' Xm'^T, d bias = row sums of dV', dXm' = W^A^T dV' (tokens first)
