@@ -4,9 +4,10 @@ The model in :mod:`pba.models` is the specification. On a CPU its training step 
 by arithmetic but by the glue between some two hundred small PyTorch operators (see
 ``benchmarks/imdb_floor.py``). :class:`FusedIMDBStep` computes the same loss and the same
 gradients in one call into a small C++ extension (``pba/csrc/imdb_step.cpp``, compiled on first
-use with the system's C++ compiler): the learned products go to ATen's matrix multiply, and the
-attention of each (review, head) pair, the layer norms, dropout, pooling, the head and the loss
-are plain loops over data that fits in the L1 cache, with the backward pass derived by hand.
+use with the system's C++ compiler): every matrix product, the learned ones and the four of each
+(review, head) pair's attention, goes through one small register-tiled matrix multiply, and the
+softmax, the layer norms, dropout, pooling and the loss are plain loops over data that fits in
+the L1 cache, with the backward pass derived by hand.
 
 ``tests/test_fused.py`` checks loss, logits and every gradient against autograd through the
 PyTorch model, for every variant and option, given the same dropout masks. Dropout draws its

@@ -73,7 +73,7 @@ def assert_same_step(model: IMDBClassifier, length: int) -> None:
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
 
 
-# length 10: the scalar loops; 16: the eight-lane loops (length and head width multiples of 8)
+# length 10: lanes of eight, then single columns; 16: whole lanes (length and head width multiples of 8)
 @pytest.mark.parametrize("length", [10, 16])
 @pytest.mark.parametrize(
     "softmax_over, padding_mask, masked_pooling", list(itertools.product(("keys", "queries"), (True, False), (True, False)))
@@ -91,7 +91,7 @@ def test_loss_logits_and_every_gradient_match_autograd(
 
 
 def test_head_widths_other_than_eight() -> None:
-    for n_heads in (1, 2, 8):  # d_k = 32, 16, 4 (4: the general loops)
+    for n_heads in (1, 2, 8):  # d_k = 32, 16, 4 (4: narrower than a lane of eight)
         assert_same_step(IMDBClassifier("standard", vocab_size=50, context_length=16, n_heads=n_heads), 16)
 
 

@@ -3,9 +3,10 @@
 // this file is a faster way to compute the same function and its gradient.
 //
 // Layout: tokens n = b * L + l, rows of width d; head h owns columns [h * dk, (h + 1) * dk).
-// The learned products (W^Q, W^K, W^V, W^O, the FFN) go to ATen's mm (MKL); the attention core of
-// every (review, head) pair, the layer norms, dropout, pooling, the head and the loss are loops
-// over data that fits in the L1 cache. Gradients are written into the tensors in `grads`.
+// Every matrix product (W^Q, W^K, W^V, W^O, the FFN, W^A, and the four products of the attention
+// core of every (review, head) pair) goes through one small register-tiled gemm below; the
+// softmax, the layer norms, dropout, pooling and the loss are loops over data that fits in the
+// L1 cache. Gradients are written into the tensors in `grads`.
 //
 // Dropout draws one 32-bit hash per element from (seed, step, site, index): counter-based, so a
 // step's masks depend on nothing but those numbers.
@@ -196,9 +197,10 @@ struct Shapes {
 };
 
 // ---------------------------------------------------------------------- small matrix products
-// C = init + A B at the step's sizes (2048 tokens by 32 x 32 weights, or the weight gradients'
-// 32 x 32 outputs summed over 2048 tokens), where MKL's general routine spends as long packing
-// and pre-scaling its operands as multiplying them. A is read in either orientation,
+// C = init + A B at the step's sizes: 2048 tokens by 32 x 32 weights, the weight gradients'
+// 32 x 32 summed over 2048 tokens, and the attention core's 32 x 32 by 32 x 8. At these sizes
+// MKL's general routine spent a third of its time packing and pre-scaling operands (perf, one
+// step). A is read in either orientation,
 // A(m, k) = a[m * a_row + k * a_col]; B(k, n) = b[k * ldb + n]; init(m, n) = init[m * ld_init + n]
 // with ld_init = 0 for a bias (one row), init = c to accumulate, nullptr for zero.
 struct MatrixA {
@@ -531,14 +533,26 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
     v = linear(reused("v", {N, d}, opts), x0, params[6], params[7]);
   } else if (!is_super) {
     v = x0;
-  } else {
-    // V = W^A Xm (+ a bias per row) for every review in one product, with tokens as rows
-    Tensor xm3 = x0.view({B, L, d});
-    if (padding_mask) xm3 = xm3.masked_fill(ids.eq(pad_id).unsqueeze(-1), 0.0);
-    xm = xm3.transpose(0, 1).reshape({L, B * d});  // (L, B*d): row j holds token j of every review
-    const Tensor wa = params[10].narrow(0, 0, L).narrow(1, 0, L);
-    Tensor mixed = wa_bias ? at::addmm(params[11].narrow(0, 0, L).unsqueeze(1), wa, xm) : at::mm(wa, xm);
-    v = mixed.view({L, B, d}).transpose(0, 1).contiguous().view({N, d});
+  } else {  // super: V_b = W^A Xm_b (+ a bias per row) for each review b; Xm = X0 with padded rows zeroed
+    xm = x0;
+    if (padding_mask) {
+      xm = reused("xm", {N, d}, opts);
+      const float* x = fp(x0);
+      float* out = fp(xm);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t c = 0; c < d; ++c) out[n * d + c] = real[n] ? x[n * d + c] : 0.0f;
+    }
+    v = reused("v", {N, d}, opts);
+    const float *wa = fp(params[10]), *xm_p = fp(xm);
+    const float* bias = wa_bias ? fp(params[11]) : nullptr;
+    const int64_t ld_wa = params[10].size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      float* vb = fp(v) + b * L * d;
+      gemm(L, d, L, {wa, ld_wa, 1}, xm_p + b * L * d, d, vb, d, nullptr, 0);
+      if (bias)
+        for (int64_t i = 0; i < L; ++i)
+          for (int64_t c = 0; c < d; ++c) vb[i * d + c] += bias[i];
+    }
   }
   const int64_t ldq = q.size(1), ldk = k.size(1), ldv = v.size(1);
   TORCH_CHECK(ldq == d && ldk == d && ldv == d, "q, k, v rows of width d_model");
@@ -671,14 +685,28 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
     linear_input_grad(dv, params[6], fp(dx0), fp(dx0));
   } else if (!is_super) {
     dx0.add_(dv);
-  } else {  // V = W^A Xm (+ bias): dW^A = dV' Xm'^T, d bias = row sums of dV', dXm' = W^A^T dV' (tokens first)
-    const Tensor dv_t = dv.view({B, L, d}).transpose(0, 1).reshape({L, B * d});
-    const Tensor wa = params[10].narrow(0, 0, L).narrow(1, 0, L);
-    grads[10].narrow(0, 0, L).narrow(1, 0, L).copy_(at::mm(dv_t, xm.t()));
-    if (wa_bias) grads[11].narrow(0, 0, L).copy_(dv_t.sum(1));
-    Tensor dxm = at::mm(wa.t(), dv_t).view({L, B, d}).transpose(0, 1);  // (B, L, d)
-    if (padding_mask) dxm = dxm.masked_fill(ids.eq(pad_id).unsqueeze(-1), 0.0);
-    dx0.view({B, L, d}).add_(dxm);
+  } else {  // super: dW^A = sum_b dV_b Xm_b^T, d bias = the row sums of every dV_b, dXm_b = W^A^T dV_b
+    const float *wa = fp(params[10]), *xm_p = fp(xm);
+    const int64_t ld_wa = params[10].size(1);
+    float *dwa = fp(grads[10]), *dx0_p = fp(dx0);
+    float* dbias = wa_bias ? fp(grads[11]) : nullptr;  // zeroed with the other gradients
+    std::vector<float> xm_t(d * L), dxm(padding_mask ? L * d : 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* dvb = dv_p + b * L * d;
+      float* dxb = dx0_p + b * L * d;
+      transpose_head(xm_p + b * L * d, d, L, d, 1.0f, xm_t.data());  // Xm_b^T (d x L)
+      gemm(L, L, d, {dvb, d, 1}, xm_t.data(), L, dwa, ld_wa, b == 0 ? nullptr : dwa, ld_wa);
+      if (dbias)
+        for (int64_t i = 0; i < L; ++i) dbias[i] += lane_sum(dvb + i * d, d);
+      if (!padding_mask) {
+        gemm(L, d, L, {wa, 1, ld_wa}, dvb, d, dxb, d, dxb, d);
+        continue;
+      }
+      gemm(L, d, L, {wa, 1, ld_wa}, dvb, d, dxm.data(), d, nullptr, 0);
+      for (int64_t i = 0; i < L; ++i)
+        if (real[b * L + i])
+          for (int64_t c = 0; c < d; ++c) dxb[i * d + c] += dxm[i * d + c];
+    }
   }
   {  // embeddings
     float* dE = fp(grads[0]);
