@@ -210,8 +210,8 @@ struct MatrixA {
 
 // One tile of MR rows and NV * 8 columns: MR * NV accumulators stay in registers for all of K.
 template <int MR, int NV>
-__attribute__((always_inline)) inline void gemm_tile(int64_t K, MatrixA a, const float* __restrict__ b, int64_t ldb, float* c, int64_t ldc,
-                      const float* init, int64_t ld_init) {
+__attribute__((always_inline)) inline void gemm_tile(int64_t K, MatrixA a, const float* __restrict__ b, int64_t ldb,
+                                                     float* c, int64_t ldc, const float* init, int64_t ld_init) {
   v8f acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = init ? load8(init + r * ld_init + 8 * v) : v8f{};
@@ -402,7 +402,8 @@ void linear_input_grad(const Tensor& dy, const Tensor& weight, float* dx, const 
   gemm(rows, in, out, {fp(dy), out, 1}, fp(weight), in, dx, in, init, in);
 }
 
-void linear_param_grads(const Tensor& dy, const Tensor& x, Tensor& dweight, Tensor& dbias) {  // dW = dy^T x, db = sum dy
+// dW = dy^T x, dbias = the column sums of dy
+void linear_param_grads(const Tensor& dy, const Tensor& x, Tensor& dweight, Tensor& dbias) {
   const int64_t rows = dy.size(0), out = dy.size(1), in = x.size(1);
   const float* g = fp(dy);
   // in slices of 64 tokens (16 KiB of dy and x at d = 32): each slice is read from L2 once and
@@ -599,7 +600,6 @@ std::vector<Tensor> train_step(const Tensor& ids, const Tensor& previous_ids, co
       pool_w[b * L + l] = masked_pooling ? (real[b * L + l] ? 1.0f / std::max(count, 1.0f) : 0.0f)
                                          : 1.0f / static_cast<float>(L);
   }
-  const int64_t hidden = params[20].size(0);
   Tensor hin = at::zeros({B, d}, opts);
   {
     float* p = fp(hin);
