@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -21,6 +20,7 @@ import torch
 
 from ..attention import VARIANTS
 from ..costs import count_parameters
+from ..files import write_json_atomic
 from ..data import EncodedSplits, prepare_imdb
 from ..models import IMDBClassifier
 from ..train import RunResult, TrainConfig, fit, fit_replicas, pick_device, seed_everything
@@ -130,16 +130,6 @@ def _git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over: never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(payload, tmp, indent=1, sort_keys=False)
-        tmp.write("\n")
-    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600
-    os.replace(tmp.name, path)
 
 
 def run_one(

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 import torch
+
+from ..files import write_atomic
 
 __all__ = [
     "IMDB_DIR_ENV",
@@ -395,9 +396,7 @@ def prepare_imdb(
     }
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            torch.save(payload, tmp)
-        os.replace(tmp.name, path)  # atomic: a reader never sees half a file
+        write_atomic(path, lambda file: torch.save(payload, file), binary=True)
     return _splits_from(payload)
 
 

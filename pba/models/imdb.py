@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .attention import make_attention
+from ..attention import make_attention
 
 __all__ = ["EncoderBlock", "IMDBClassifier"]
 
