@@ -32,7 +32,7 @@ import torch
 
 import pba
 from pba.benchmark import CONTENDERS, bench_shape, shape_memory
-from pba.experiments.imdb import environment as run_environment
+from pba.experiments.grid import environment as run_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 FULL_GRID = [(length, d) for length in (32, 128, 512, 2048) for d in (64, 256, 512)]

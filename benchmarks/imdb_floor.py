@@ -44,16 +44,19 @@ import torch.nn.functional as F
 
 import pba
 from pba.experiments import ImdbSettings
-from pba.experiments.imdb import environment, write_json_atomic
-from pba.train import _adam, seed_everything
+from pba.experiments.grid import environment
+from pba.files import write_json_atomic
+from pba.train import TrainConfig, make_optimizer, seed_everything
 
 BATCH, LENGTH, D_MODEL, N_HEADS, D_FF = 64, 32, 32, 4, 32
 VOCAB = 20_000
 TRAIN_REVIEWS, EPOCHS, SEEDS, CORES = 40_000, 10, 5, 2
 BAR_MINUTES = 5.0
 
-#: the learned input projections' total output width, per variant (W^Q, W^K, W^V)
-PROJECTION_WIDTH = {"standard": 3 * D_MODEL, "optimised": 2 * D_MODEL, "efficient": D_MODEL, "super": D_MODEL}
+
+def projection_width(variant: str) -> int:
+    """The learned input projections' total output width (``W^Q``, and ``W^K``, ``W^V`` if learned)."""
+    return D_MODEL * sum(name in ("q", "k", "v") for name in pba.attention.learned_projections(variant))
 
 
 def _median_seconds(call: Callable[[], object], reps: int) -> float:
@@ -156,7 +159,7 @@ def _adam_step(variant: str) -> Callable[[], None]:
     params = list(_model(variant).parameters())
     for param in params:
         param.grad = torch.randn_like(param)
-    return _adam(params, 1e-3).step
+    return make_optimizer(params, TrainConfig(lr=1e-3)).step
 
 
 def floor_kernels(variant: str) -> dict[str, Callable[[], None]]:
@@ -164,9 +167,9 @@ def floor_kernels(variant: str) -> dict[str, Callable[[], None]]:
     tokens = BATCH * LENGTH
     kernels = {
         "embedding gather + dense gradient": _embedding(),
-        "learned input projections": _linear(tokens, D_MODEL, PROJECTION_WIDTH[variant]),
+        "learned input projections": _linear(tokens, D_MODEL, projection_width(variant)),
     }
-    if variant == "super":
+    if "a" in pba.attention.learned_projections(variant):
         kernels["W^A token mixing"] = _linear(BATCH * D_MODEL, LENGTH, LENGTH)
     linears = [_linear(tokens, D_MODEL, D_MODEL), _linear(tokens, D_MODEL, D_FF), _linear(tokens, D_FF, D_MODEL)]
     kernels["output projection + FFN"] = lambda: [linear() for linear in linears]
@@ -181,7 +184,7 @@ def floor_kernels(variant: str) -> dict[str, Callable[[], None]]:
 def pba_step(variant: str) -> Callable[[], None]:
     """pba's training step with the reference's settings, on random token ids."""
     model = _model(variant)
-    optimizer = _adam(list(model.parameters()), 1e-3)
+    optimizer = make_optimizer(list(model.parameters()), TrainConfig(lr=1e-3))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=generator)
     labels = torch.randint(0, 2, (BATCH,), generator=generator).float()

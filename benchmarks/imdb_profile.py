@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import pba
 from pba.data import prepare_imdb
 from pba.experiments import ImdbSettings
-from pba.train import _adam, seed_everything
+from pba.train import TrainConfig, make_optimizer, seed_everything
 
 
 def profile_steps(variant: str, settings: ImdbSettings, data_dir: str | None, steps: int) -> tuple[float, str]:
@@ -33,7 +33,7 @@ def profile_steps(variant: str, settings: ImdbSettings, data_dir: str | None, st
     splits = prepare_imdb(settings.protocol, data_dir=data_dir, **settings.tokenizer_overrides())
     seed_everything(0)
     model = settings.model(variant, len(splits.vocab), splits.train[0].shape[1])
-    optimizer = _adam(list(model.parameters()), settings.lr)
+    optimizer = make_optimizer(list(model.parameters()), TrainConfig(lr=settings.lr))
     ids, labels = splits.train
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     batches = len(labels) // settings.batch_size

@@ -13,7 +13,7 @@ machine).
 
 Both sides train the same number of steps (a shortened protocol: ``--epochs`` per variant, one
 seed) in one process with the same thread count; the ratio is printed side by side. With
-``--stack N`` a third column times ``pba.train.fit_replicas`` training seeds 0 .. N-1 of each
+``--stack N`` a third column times ``pba.train.fit`` training seeds (stacked) 0 .. N-1 of each
 variant together, as seconds per seed (the stack's time over N): what stacking saves or costs here.
 With ``--fused`` another column times the same loop with ``engine="fused"`` (``pba.fused``).
 """
@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader
 import pba
 from pba.data import prepare_imdb
 from pba.experiments import ImdbSettings, run_one, run_stack
-from pba.experiments.imdb import environment, write_json_atomic
-from pba.train import evaluate
+from pba.experiments.grid import environment
+from pba.files import write_json_atomic
+from pba.train import BinaryClassification, evaluate
 
 
 class HeadLoopAttention(nn.Module):
@@ -49,11 +50,15 @@ class HeadLoopAttention(nn.Module):
     def __init__(self, variant: str, d_model: int, n_heads: int, length: int) -> None:
         super().__init__()
         self.variant, self.n_heads, self.d_k = variant, n_heads, d_model // n_heads
-        self.queries = nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads))
-        learn_keys = variant in ("standard", "optimised")
-        self.keys = nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads)) if learn_keys else None
-        self.values = nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads)) if variant == "standard" else None
-        self.wa = nn.Linear(length, length) if variant == "super" else None
+        learned = pba.attention.learned_projections(variant)
+
+        def per_head() -> nn.ModuleList:
+            return nn.ModuleList(nn.Linear(d_model, self.d_k) for _ in range(n_heads))
+
+        self.queries = per_head()
+        self.keys = per_head() if "k" in learned else None
+        self.values = per_head() if "v" in learned else None
+        self.wa = nn.Linear(length, length) if "a" in learned else None
         self.out = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +120,7 @@ def baseline_epochs(variant: str, splits, epochs: int, seed: int) -> float:
                 optimizer.step()
                 correct += ((logits > 0.5).float() == target).sum().item()  # a sync per step
                 total += len(target)
-            _, val_acc = evaluate(model, *splits.val, threshold=0.5, batch_size=64)
+            _, (val_acc,) = evaluate(model, BinaryClassification(splits.train, splits.val, threshold=0.5), "val", batch_size=64)
             if val_acc >= best:
                 best = val_acc
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(tmp, "best.pth"))

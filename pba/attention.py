@@ -17,6 +17,9 @@ Every variant then computes ``O = [S_1 V_1, ..., S_h V_h] W^O`` with ``S_i = sof
 All four classes share :class:`StandardAttention`'s forward pass.  A variant only overrides the
 hooks :meth:`~StandardAttention.project_key` and :meth:`~StandardAttention.project_value` (and
 says which projections it learns), so the lines the paper changes are the only lines that differ.
+Which maps a variant learns is recorded once, in the class attributes ``learns_keys``,
+``learns_values`` and ``learns_token_mixing``; :func:`learned_projections` reads them for everything
+else that needs to know (:mod:`pba.costs`, the Keras layers, the benchmarks).
 
 This module depends on ``torch`` alone: the layers can be lifted into any model.
 """
@@ -37,6 +40,8 @@ __all__ = [
     "EfficientAttention",
     "SuperAttention",
     "make_attention",
+    "learned_projections",
+    "PROJECTION_ATTRIBUTES",
     "split_heads",
     "merge_heads",
     "mix_tokens",
@@ -63,16 +68,21 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 class _MixTokens(torch.autograd.Function):
-    """``W^A X`` for every item of a batch: ``(L, L), (B, L, d) -> (B, L, d)``.
+    """``W^A X`` for every item of a batch: ``(L, L), (B, L, d) -> (B, L, d)``; the numbers of ``wa @ x``.
 
-    ``wa @ x`` computes the same thing, but torch evaluates it by copying ``x`` into a ``(B*d, L)``
-    matrix and the result back. Here the forward is one batched product over ``B`` stride-0 views of
-    ``W^A`` (no copy), and so is ``dX_b = (W^A)^T dY_b``. ``dW^A = sum_b dY_b X_b^T`` is the one
-    ``(L, B*d) @ (B*d, L)`` product that ``wa @ x``'s backward uses, so a model trained either way
-    gets the same numbers (checked bit for bit on this project's CPU runs). Forward+backward took
-    0.80 of ``wa @ x``'s time at ``(B, L, d) = (64, 128, 512)`` and 0.95 at the IMDB shape on this
-    project's 2-core CPU. Summing ``dY_b X_b^T`` with a batched product instead would be faster
-    still (about 0.6) but rounds differently, so committed results would no longer reproduce.
+    ``wa @ x`` broadcasts ``W^A`` over the batch by copying ``x`` into a ``(B*d, L)`` matrix and the
+    result back. This function avoids both copies:
+
+    * forward, ``Y_b = W^A X_b``: one batched product over ``B`` stride-0 views of ``W^A``
+      (``expand`` allocates nothing);
+    * ``dX_b = (W^A)^T dY_b``: the same batched product with ``(W^A)^T``;
+    * ``dW^A = sum_b dY_b X_b^T``: one ``(L, B*d) @ (B*d, L)`` product. It is the product that
+      ``wa @ x``'s own backward computes, so it rounds the same way and a model trained through
+      either gets the same numbers (a batched product followed by a sum over ``b`` would round
+      differently).
+
+    ``tests/test_attention.py`` checks its values and gradients against ``wa @ x`` and its second
+    derivatives numerically; ``benchmarks/attention_speed.py`` times super attention, which calls it.
     """
 
     generate_vmap_rule = True  # vmap-able wherever mix_tokens does not route around it
@@ -105,13 +115,23 @@ _is_vmapped = getattr(torch._C._functorch, "is_batchedtensor", lambda tensor: Fa
 def mix_tokens(wa: Tensor, x: Tensor) -> Tensor:
     """``W^A X`` for each item: ``(L, L), (B, L, d) -> (B, L, d)``; equals ``wa @ x``, with fewer copies.
 
-    Under ``torch.func.vmap`` (replicas trained together by :func:`pba.train.fit_replicas`) it is
-    ``wa @ x``: vmap already turns that into one batched product without the copies, and the
-    generated batching rule of the custom backward measured slower there.
+    Under ``torch.func.vmap`` (replicas trained together by :class:`pba.train.ReplicaEngine`) it is
+    plain ``wa @ x``: vmap already turns that product into one batched product without the copies,
+    so ``_MixTokens`` (whose batching rule torch would generate) has nothing to add there.
     """
     if _is_vmapped(wa) or _is_vmapped(x):
         return wa @ x
     return _MixTokens.apply(wa, x)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether :func:`torch.autocast` is on for ``device_type`` (torch < 2.4 knows CPU and CUDA only)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return device_type == "cuda" and torch.is_autocast_enabled()
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -175,12 +195,24 @@ class StandardAttention(nn.Module):
         ``attention_mask``; ``torch.nn.MultiheadAttention`` uses the opposite). ``is_causal=True``
         lets query ``t`` see keys ``<= t`` (needs ``L_q == L_k``). A query that may see no key at all
         gets all-zero attention weights, so its output is the output bias ``b^O`` (never NaN).
+        Padded key and value rows are set to zero before any projection, so nothing they hold (not
+        even NaN or inf, which a zero attention weight does not cancel) reaches a real token.
+
+    Inputs must have the parameters' dtype (a ``TypeError`` names the argument and both dtypes),
+    except under :func:`torch.autocast`, which casts them.
+
+    Second derivatives: the explicit path (``fused=False``) supports double backward (gradient
+    penalties, Hessian-vector products). On CPU the fused path runs torch's
+    ``_scaled_dot_product_flash_attention_for_cpu``, whose backward torch cannot differentiate:
+    differentiating a gradient taken through it raises a ``RuntimeError``. Use ``fused=False`` there.
     """
 
     #: whether the layer learns ``W^K`` (``False``: keys are the column slices ``X_i``)
     learns_keys: ClassVar[bool] = True
     #: whether the layer learns ``W^V`` (``False``: values are the column slices ``X_i``)
     learns_values: ClassVar[bool] = True
+    #: whether the layer learns super attention's ``l x l`` token-mixing matrix ``W^A``
+    learns_token_mixing: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -234,8 +266,11 @@ class StandardAttention(nn.Module):
         assert self.k_proj is not None
         return self.k_proj(key)
 
-    def project_value(self, value: Tensor, key_padding_mask: Tensor | None, is_causal: bool) -> Tensor:
-        """``V = X W^V`` (``(B, L_k, d_model)``); the masks matter only to super attention."""
+    def project_value(self, value: Tensor, is_causal: bool) -> Tensor:
+        """``V = X W^V`` (``(B, L_k, d_model)``); padded rows of ``value`` are zero already.
+
+        ``is_causal`` matters only to super attention, whose ``W^A`` then acts lower-triangular.
+        """
         assert self.v_proj is not None
         return self.v_proj(value)
 
@@ -262,8 +297,19 @@ class StandardAttention(nn.Module):
         len_q, len_k = query.shape[1], key.shape[1]
 
         q = split_heads(self.project_query(query), self.n_heads)  # (B, h, L_q, d_k)
+        if key_padding_mask is not None:
+            # Padded rows must carry nothing. Their scores are masked, but a padded value row still
+            # enters S V with weight 0 (0 * NaN = NaN), and the fused kernel adds the mask to the
+            # scores (NaN - inf = NaN). Zeroed, they are harmless on both paths, and super
+            # attention's W^A, which mixes value rows, mixes zeros into the real tokens. Each is
+            # zeroed just before its own projection, which fixes the order in which autograd sums
+            # the input's gradients (committed results depend on that order).
+            padded = ~key_padding_mask[..., None]  # (B, L_k, 1)
+            key = key.masked_fill(padded, 0.0)
         k = split_heads(self.project_key(key), self.n_heads)  # (B, h, L_k, d_k)
-        v = split_heads(self.project_value(value, key_padding_mask, is_causal), self.n_heads)
+        if key_padding_mask is not None:
+            value = value.masked_fill(padded, 0.0)
+        v = split_heads(self.project_value(value, is_causal), self.n_heads)
 
         dropout_p = self.dropout if self.training else 0.0
         weights = None
@@ -321,6 +367,12 @@ class StandardAttention(nn.Module):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        dtype = self.q_proj.weight.dtype
+        if x.dtype != dtype and not _autocast_enabled(x.device.type):
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the layer's parameters have dtype {dtype}: "
+                f"convert one to the other (e.g. {name}.to({dtype})) or run under torch.autocast"
+            )
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"{name} must have shape (batch, length, d_model={self.d_model}), "
@@ -387,7 +439,7 @@ class OptimisedAttention(StandardAttention):
 
     learns_values = False
 
-    def project_value(self, value: Tensor, key_padding_mask: Tensor | None, is_causal: bool) -> Tensor:
+    def project_value(self, value: Tensor, is_causal: bool) -> Tensor:
         return value  # V = X: head i reads the slice X_i
 
 
@@ -414,8 +466,9 @@ class SuperAttention(EfficientAttention):
     ``W^A`` is a learned ``l x l`` matrix (``l = context_length``) that acts from the left. For
     inputs of length ``L_k < l`` the layer uses ``W^A[:L_k, :L_k]``, which equals right-padding to
     ``l`` and masking the padding; ``L_k > l`` is an error. Padded value rows (``key_padding_mask``
-    false) are zeroed before ``W^A`` so they never leak into real tokens. With ``is_causal=True``
-    ``W^A`` acts lower-triangular, so no token reads a later one.
+    false) are zero when ``W^A`` mixes them (the shared forward zeroes them first), so they never
+    leak into real tokens. With ``is_causal=True`` ``W^A`` acts lower-triangular, so no token reads a later
+    one.
 
     Args:
         context_length: ``l``, the fixed maximum length. Required.
@@ -426,6 +479,8 @@ class SuperAttention(EfficientAttention):
 
     The other arguments are those of :class:`StandardAttention`.
     """
+
+    learns_token_mixing = True
 
     def __init__(
         self,
@@ -474,10 +529,8 @@ class SuperAttention(EfficientAttention):
         wa = self.wa_weight[..., :length, :length]
         return wa.tril() if is_causal else wa
 
-    def project_value(self, value: Tensor, key_padding_mask: Tensor | None, is_causal: bool) -> Tensor:
+    def project_value(self, value: Tensor, is_causal: bool) -> Tensor:
         length = value.shape[1]
-        if key_padding_mask is not None:
-            value = value.masked_fill(~key_padding_mask[..., None], 0.0)  # padded rows carry nothing
         wa = self.effective_wa(length, is_causal)
         if self.wa_sharing == "layer":
             mixed = mix_tokens(wa, value)  # (L, L) @ (B, L, d_model): W^A X, all heads at once
@@ -517,6 +570,32 @@ _CLASSES: dict[str, type[StandardAttention]] = {
     "efficient": EfficientAttention,
     "super": SuperAttention,
 }
+
+
+#: Letters of :func:`learned_projections` and the attribute holding each map's weight.
+PROJECTION_ATTRIBUTES: dict[str, str] = {
+    "q": "q_proj",  # W^Q, d_model x d_model
+    "k": "k_proj",  # W^K, d_model x d_model
+    "v": "v_proj",  # W^V, d_model x d_model
+    "o": "out_proj",  # W^O, d_model x d_model
+    "a": "wa_weight",  # W^A, l x l (one per head with wa_sharing="head")
+}
+
+
+def learned_projections(variant: str) -> tuple[str, ...]:
+    """The maps ``variant`` learns, read from its class: a sub-tuple of ``("q", "k", "v", "o", "a")``.
+
+    ``"q"``, ``"k"``, ``"v"``, ``"o"`` are the ``d_model x d_model`` maps ``W^Q, W^K, W^V, W^O`` and
+    ``"a"`` is super attention's ``l x l`` ``W^A`` (:data:`PROJECTION_ATTRIBUTES` names the attribute
+    holding each). The answer comes from the class attributes ``learns_keys``, ``learns_values``
+    and ``learns_token_mixing``; :mod:`pba.costs`, the Keras layers and the benchmarks ask here
+    rather than keep their own table.
+    """
+    if variant not in _CLASSES:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    cls = _CLASSES[variant]
+    learned = {"q": True, "k": cls.learns_keys, "v": cls.learns_values, "o": True, "a": cls.learns_token_mixing}
+    return tuple(name for name, learns in learned.items() if learns)
 
 
 def make_attention(variant: str, d_model: int, n_heads: int, **options: object) -> StandardAttention:

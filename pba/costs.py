@@ -13,17 +13,21 @@ optimised  ``3 d^2``                  ``3 l d^2 + 2 l^2 d``
 efficient  ``2 d^2``                  ``2 l d^2 + 2 l^2 d``
 super      ``2 d^2 + l^2``            ``2 l d^2 + 3 l^2 d``
 =========  =========================  ==================================
+
+Which maps each variant learns is not written here: it is read from the layer classes through
+:func:`pba.attention.learned_projections`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .attention import VARIANTS
+from .attention import VARIANTS, learned_projections
 
-__all__ = ["learned_projections", "parameter_count", "macs", "count_parameters"]
+__all__ = ["parameter_count", "macs", "count_parameters"]
 
-_PROJECTIONS = {"standard": 4, "optimised": 3, "efficient": 2, "super": 2}
+_SQUARE = ("q", "k", "v", "o")  # the d_model x d_model maps; "a" (W^A) is l x l
+_ON_KEYS = ("k", "v")  # applied to the L_k keys/values; "q" and "o" to the L_q queries
 
 
 def _check_variant(variant: str) -> None:
@@ -34,12 +38,6 @@ def _check_variant(variant: str) -> None:
 def _check_size(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def learned_projections(variant: str) -> int:
-    """How many ``d x d`` maps the variant learns: 4, 3, 2, 2 (``W^A`` is counted apart)."""
-    _check_variant(variant)
-    return _PROJECTIONS[variant]
 
 
 def parameter_count(
@@ -59,9 +57,10 @@ def parameter_count(
     _check_variant(variant)
     _check_size("d_model", d_model)
     _check_size("n_heads", n_heads)
-    p = _PROJECTIONS[variant]
+    learned = learned_projections(variant)
+    p = sum(name in _SQUARE for name in learned)
     count = p * (d_model * d_model + (d_model if bias else 0))
-    if variant == "super":
+    if "a" in learned:
         if context_length is None:
             raise ValueError("super attention needs context_length to count W^A")
         _check_size("context_length", context_length)
@@ -85,10 +84,10 @@ def macs(variant: str, d_model: int, length: int, *, key_length: int | None = No
     len_q, len_k = length, length if key_length is None else key_length
     _check_size("key_length", len_k)
     d = d_model
-    projections = 2 * len_q * d * d  # W^Q and W^O
-    projections += {"standard": 2, "optimised": 1}.get(variant, 0) * len_k * d * d
+    learned = learned_projections(variant)
+    projections = sum((len_k if name in _ON_KEYS else len_q) * d * d for name in learned if name in _SQUARE)
     attention = 2 * len_q * len_k * d  # S = QK^T and S V
-    mixing = len_k * len_k * d if variant == "super" else 0
+    mixing = len_k * len_k * d if "a" in learned else 0  # W^A X
     return projections + attention + mixing
 
 

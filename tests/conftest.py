@@ -19,10 +19,27 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def _data_dir(variable: str, what: str, needed: str | None = None) -> Path:
+    """The directory named by ``variable``, or skip the test saying how to provide it."""
+    value = os.environ.get(variable)
+    if not value or not Path(value).is_dir() or (needed and not (Path(value) / needed).is_file()):
+        pytest.skip(f"{what} not available: set {variable} to the directory of its files")
+    return Path(value)
+
+
 @pytest.fixture
 def imdb_dir() -> Path:
-    """The local IMDB Parquet directory named by ``PBA_IMDB_DIR``; skip when it is not set."""
-    value = os.environ.get("PBA_IMDB_DIR")
-    if not value or not Path(value).is_dir():
-        pytest.skip("real IMDB data not available: set PBA_IMDB_DIR to a directory of Parquet files")
-    return Path(value)
+    """The local IMDB Parquet directory (``PBA_IMDB_DIR``)."""
+    return _data_dir("PBA_IMDB_DIR", "real IMDB data")
+
+
+@pytest.fixture
+def shakespeare_dir() -> Path:
+    """The directory holding Tiny Shakespeare's ``input.txt`` (``PBA_SHAKESPEARE_DIR``)."""
+    return _data_dir("PBA_SHAKESPEARE_DIR", "Tiny Shakespeare", "input.txt")
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The directory of MNIST's IDX files (``PBA_MNIST_DIR``)."""
+    return _data_dir("PBA_MNIST_DIR", "MNIST")

@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 import pba
-from pba.attention import _MixTokens, merge_projections, mix_tokens, standard_from_torch
+from pba.attention import (
+    PROJECTION_ATTRIBUTES,
+    _MixTokens,
+    learned_projections,
+    merge_projections,
+    mix_tokens,
+    standard_from_torch,
+)
+
+from .reference_attention import reference_attention
 
 D, H, L = 16, 4, 8
 
@@ -52,9 +61,18 @@ def variant_options() -> list[tuple[str, dict]]:
 KEY_SOFTMAX_CASES = [c for c in variant_options() if c[1].get("softmax_over") != "queries"]
 
 
+# What the paper says each variant learns (PAPER.md, "Definitions"), written apart from pba's classes.
+PAPER_MAPS = {
+    "standard": {"W^Q", "W^K", "W^V", "W^O"},
+    "optimised": {"W^Q", "W^K", "W^O"},
+    "efficient": {"W^Q", "W^O"},
+    "super": {"W^Q", "W^O", "W^A"},
+}
+
+
 # ------------------------------------------------------------------------------- API
 def test_variants_and_factory() -> None:
-    assert pba.VARIANTS == ("standard", "optimised", "efficient", "super")
+    assert set(pba.VARIANTS) == set(PAPER_MAPS) and len(pba.VARIANTS) == 4
     classes = [type(pba.make_attention(v, D, H, context_length=L)) for v in pba.VARIANTS]
     assert classes == [
         pba.StandardAttention,
@@ -65,6 +83,26 @@ def test_variants_and_factory() -> None:
     assert all(issubclass(c, pba.StandardAttention) for c in classes)
     with pytest.raises(ValueError, match=r"variant must be one of .*'standard'.*got 'linear'"):
         pba.make_attention("linear", D, H)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_learned_projections_are_the_papers_and_the_layers(variant: str, bias: bool) -> None:
+    """The one source of which maps a variant learns agrees with the paper and with the parameters."""
+    letters = {"W^Q": "q", "W^K": "k", "W^V": "v", "W^O": "o", "W^A": "a"}
+    learned = learned_projections(variant)
+    assert set(learned) == {letters[m] for m in PAPER_MAPS[variant]}
+    assert list(learned) == [c for c in "qkvoa" if c in learned]  # a fixed order
+    layer = pba.make_attention(variant, D, H, context_length=L, bias=bias, wa_bias=True) if variant == "super" else (
+        pba.make_attention(variant, D, H, bias=bias)
+    )
+    owners = {name.split(".")[0] for name, _ in layer.named_parameters()} - {"wa_bias"}
+    assert owners == {PROJECTION_ATTRIBUTES[c] for c in learned}
+
+
+def test_learned_projections_rejects_unknown_variants() -> None:
+    with pytest.raises(ValueError, match=r"variant must be one of .*got 'linear'"):
+        learned_projections("linear")
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
@@ -117,6 +155,79 @@ def test_standard_equals_torch_multihead_attention(masks: str, bias: bool) -> No
     torch.testing.assert_close(w, expected_w, atol=1e-6, rtol=1e-5)
 
 
+def build64(variant: str, **options: object) -> pba.StandardAttention:
+    """A float64 layer whose biases (``wa_bias`` too) are random, so that every weight matters."""
+    layer = pba.make_attention(variant, D, H, context_length=L, dtype=torch.float64, **options)
+    for name, p in layer.named_parameters():
+        if name.endswith("bias"):
+            nn.init.normal_(p, std=0.5)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_reference_equals_torch_multihead_attention(bias: bool) -> None:
+    """The reference itself, checked against torch: it is right for standard attention."""
+    mha = nn.MultiheadAttention(D, H, bias=bias, batch_first=True, dtype=torch.float64)
+    if bias:
+        nn.init.normal_(mha.in_proj_bias, std=0.5)
+        nn.init.normal_(mha.out_proj.bias, std=0.5)
+    mha.eval()
+    x = torch.randn(3, L, D, dtype=torch.float64)
+    real = right_padding_mask([L, 5, 1], L)
+    expected = mha(x, x, x, key_padding_mask=~real, attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1))[0]
+    got = reference_attention(standard_from_torch(mha).eval(), "standard", x, key_padding_mask=real, is_causal=True)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+# Causal needs a key-axis softmax (an error otherwise, tested below); so does the fused path.
+REFERENCE_CASES = [
+    (variant, options, masks, fused)
+    for variant, options in variant_options()
+    for masks in ("none", "padding", "causal", "both")
+    for fused in (True, False)
+    if options.get("softmax_over") != "queries" or (masks in ("none", "padding") and not fused)
+]
+
+
+@pytest.mark.parametrize(("variant", "options", "masks", "fused"), REFERENCE_CASES)
+def test_layers_equal_the_per_head_reference(variant: str, options: dict, masks: str, fused: bool) -> None:
+    """Every variant and option against tests/reference_attention.py (one head at a time, from the paper)."""
+    causal = masks in ("causal", "both")
+    layer = build64(variant, fused=fused, **options)
+    x = torch.randn(4, L, D, dtype=torch.float64)
+    real = right_padding_mask([L, 6, 3, 0], L) if masks in ("padding", "both") else None
+    got = layer(x, key_padding_mask=real, is_causal=causal)
+    expected = reference_attention(layer, variant, x, key_padding_mask=real, is_causal=causal)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("variant", "options"), variant_options())
+def test_cross_attention_equals_the_per_head_reference(variant: str, options: dict) -> None:
+    layer = build64(variant, **options)
+    q, kv = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, L - 2, D, dtype=torch.float64)
+    real = right_padding_mask([L - 2, 4], L - 2)
+    got = layer(q, kv, key_padding_mask=real)
+    torch.testing.assert_close(got, reference_attention(layer, variant, q, kv, key_padding_mask=real), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize(("variant", "options"), KEY_SOFTMAX_CASES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_nan_in_padded_tokens_never_reaches_real_tokens(variant: str, options: dict, causal: bool) -> None:
+    """NaN and inf in padded tokens: both paths give the reference's finite outputs at real tokens."""
+    layer = build64(variant, **options)
+    x = torch.randn(3, L, D, dtype=torch.float64)
+    real = right_padding_mask([L, 5, 2], L)
+    poisoned = x.clone()
+    poisoned[1, 5:] = float("nan")
+    poisoned[2, 2:] = float("inf")
+    expected = reference_attention(layer, variant, x, key_padding_mask=real, is_causal=causal)
+    for fused in (True, False):
+        layer.fused = fused
+        got = layer(poisoned, key_padding_mask=real, is_causal=causal)
+        assert got[real].isfinite().all(), f"fused={fused}"
+        torch.testing.assert_close(got[real], expected[real], atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize(("variant", "options"), KEY_SOFTMAX_CASES)  # the kernel's softmax is over keys
 @pytest.mark.parametrize("masks", ["none", "padding", "causal", "both"])
 def test_explicit_equals_fused(variant: str, options: dict, masks: str) -> None:
@@ -154,8 +265,14 @@ def test_fused_path_is_the_default_and_weights_force_explicit(variant: str, monk
 @pytest.mark.parametrize(("variant", "options"), variant_options())
 @pytest.mark.parametrize("fused", [True, False])
 def test_gradcheck(variant: str, options: dict, fused: bool) -> None:
-    layer = pba.make_attention(variant, 4, 2, context_length=3, dtype=torch.float64, **options)
-    layer.fused = fused
+    f, inputs = as_function_of_inputs(variant, options, fused)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def as_function_of_inputs(variant: str, options: dict, fused: bool) -> tuple:
+    """A small float64 layer as a function of its input and parameters, with padding (and causal
+    masking where the softmax allows it), and a point to check derivatives at."""
+    layer = pba.make_attention(variant, 4, 2, context_length=3, dtype=torch.float64, fused=fused, **options)
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     real = right_padding_mask([3, 2], 3)
     causal = options.get("softmax_over") != "queries"
@@ -165,7 +282,35 @@ def test_gradcheck(variant: str, options: dict, fused: bool) -> None:
         return torch.func.functional_call(layer, named, (x,), {"key_padding_mask": real, "is_causal": causal})
 
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
-    assert torch.autograd.gradcheck(f, (x, *params))
+    return f, (x, *params)
+
+
+@pytest.mark.parametrize(
+    ("variant", "options"),
+    [(v, {}) for v in pba.VARIANTS]
+    + [("standard", {"softmax_over": "queries"}), ("super", {"wa_sharing": "head", "wa_bias": True, "bias": False})],
+)
+def test_explicit_path_has_second_derivatives(variant: str, options: dict) -> None:
+    """``fused=False`` supports double backward (the class docstring says so), masks included."""
+    f, inputs = as_function_of_inputs(variant, options, fused=False)
+    assert torch.autograd.gradgradcheck(f, inputs, fast_mode=True)  # random directions: cheap
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_fused_path_on_cpu_has_no_second_derivative(variant: str) -> None:
+    """What the class docstring documents: torch's CPU attention kernel has no double backward.
+
+    If this starts to fail, torch has added it: update ``StandardAttention``'s docstring.
+    """
+    layer = pba.make_attention(variant, 4, 2, context_length=3, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"derivative for .*scaled_dot_product.* is not implemented"):
+        grad.square().sum().backward()
+    layer.fused = False
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    grad.square().sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(("batch", "length", "width"), [(64, 32, 32), (3, 5, 7), (1, 1, 1), (2, 40, 3)])
@@ -188,7 +333,7 @@ def test_mix_tokens_second_derivatives_and_vmap() -> None:
     wa = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(mix_tokens, (wa, x))
-    stacked_wa, stacked_x = torch.randn(3, 5, 5), torch.randn(3, 2, 5, 4)  # replicas, as in fit_replicas
+    stacked_wa, stacked_x = torch.randn(3, 5, 5), torch.randn(3, 2, 5, 4)  # replicas, as in pba.train.ReplicaEngine
     batched = torch.func.vmap(mix_tokens)(stacked_wa, stacked_x)
     torch.testing.assert_close(batched, torch.stack([w @ x for w, x in zip(stacked_wa, stacked_x)]))
     # Under vmap it is torch's matmul, so stacked training keeps its numbers exactly.
@@ -376,6 +521,20 @@ def test_bad_forward_inputs(variant: str) -> None:
         layer(x, key_padding_mask=torch.ones(2, L - 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"is_causal=True needs L_q == L_k, got L_q=8, L_k=5"):
         layer(x, x[:, :5], is_causal=True)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_input_dtype_must_match_the_layer(variant: str) -> None:
+    layer = build(variant)  # float32
+    x = torch.randn(2, L, D)
+    with pytest.raises(TypeError, match=r"query has dtype torch.float64 but the layer's parameters have dtype torch.float32"):
+        layer(x.double())
+    with pytest.raises(TypeError, match=r"value has dtype torch.float16 but the layer's parameters have dtype torch.float32"):
+        layer(x, x, x.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: mixed dtypes are its job
+        out = layer(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), layer(x), atol=0.1, rtol=0.1)
 
 
 def test_super_rejects_inputs_longer_than_context() -> None:

@@ -58,6 +58,18 @@ def test_paper_ratios_at_l128_d512() -> None:
     assert ratios == {"standard": 1.0, "optimised": 0.78, "efficient": 0.56, "super": 0.61}
 
 
+def test_cross_attention_macs_by_hand() -> None:
+    """4 queries, 6 keys, d = 8: W^Q, W^O act on the queries (4*8*8 = 256 each), W^K, W^V on the keys
+    (6*8*8 = 384 each); scores and S V cost 4*6*8 = 192 each; super's W^A X costs 6*6*8 = 288."""
+    expected = {
+        "standard": 256 * 2 + 384 * 2 + 192 * 2,
+        "optimised": 256 * 2 + 384 + 192 * 2,
+        "efficient": 256 * 2 + 192 * 2,
+        "super": 256 * 2 + 192 * 2 + 288,
+    }
+    assert {v: costs.macs(v, 8, 4, key_length=6) for v in pba.VARIANTS} == expected
+
+
 def test_cost_errors() -> None:
     with pytest.raises(ValueError, match="variant must be one of"):
         costs.parameter_count("linear", 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -43,6 +44,16 @@ def test_tail_truncation_left_padding_drops_start_like_keras() -> None:
     ids = lambda *ws: [tok.stoi[w] for w in ws]
     assert tok.encode("one two three four five") == ids("two", "three", "four", "five")
     assert tok.encode("one two") == [0, tok.sos_id, *ids("one", "two")]
+
+
+def test_protocols_truncate_as_the_paper_says() -> None:
+    """A 40-word review: the paper protocol keeps its last 32 words (Keras), the seed one <SOS> + its first 31."""
+    words = [f"w{i}" for i in range(40)]
+    text = " ".join(words)
+    paper = Tokenizer.fit([text], dataclasses.replace(PROTOCOLS["paper"].tokenizer, vocab_size=50))
+    assert paper.encode(text) == [paper.stoi[w] for w in words[-32:]]
+    seed = Tokenizer.fit([text], dataclasses.replace(PROTOCOLS["seed"].tokenizer, vocab_size=50))
+    assert seed.encode(text) == [seed.sos_id] + [seed.stoi[w] for w in words[:31]]
 
 
 def test_no_start_token_and_unknown_words() -> None:
@@ -183,7 +194,6 @@ def test_real_imdb_protocols(imdb_dir: Path, tmp_path: Path) -> None:
     paper = prepare_imdb("paper", data=data, cache_dir=tmp_path)
     assert paper.sizes() == {"train": 22_500, "val": 2_500, "test": 25_000}
     assert (paper.train[0][:, -1] != 0).all()  # the last word is always kept
-    assert PROTOCOLS["paper"].tokenizer.truncation == "tail"
 
 
 def test_real_imdb_encoding_is_fast(imdb_dir: Path, tmp_path: Path) -> None:

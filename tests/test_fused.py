@@ -1,4 +1,4 @@
-"""pba.fused: the hand-written training step against autograd through the PyTorch model."""
+"""pba.fused: the hand-written training step against autograd through the PyTorch model, and its API."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import copy
 import itertools
 import os
 import shutil
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 import pba
 from pba.data import prepare_imdb
 from pba.models import IMDBClassifier
-from pba.train import ENGINES, TrainConfig, fit, fit_replicas, seed_everything
+from pba.train import BinaryClassification, TrainConfig, evaluate, fit
 
 from .synthetic import write_imdb_like
 
@@ -34,7 +35,15 @@ def extension() -> None:
     load_extension()
 
 
-from pba.fused import FusedAdam, FusedIMDBStep, fused_unsupported_reason  # noqa: E402
+from pba.fused import (  # noqa: E402
+    PARAMETER_SLOTS,
+    FusedAdam,
+    FusedEngine,
+    FusedIMDBStep,
+    fused_unsupported_reason,
+    imdb_parts,
+    load_extension,
+)
 
 
 class FixedScale(nn.Module):
@@ -132,7 +141,7 @@ def test_fused_adam_is_torch_adam() -> None:
     generator = torch.Generator().manual_seed(0)
     for step in range(20):
         ids = torch.randint(0, 300, (8, 16), generator=generator)
-        fused._previous_ids = ids  # the rows this step's embedding gradient may be non-zero in
+        fused._engine.last_ids = ids  # the rows this step's embedding gradient may be non-zero in
         used = torch.zeros(300, dtype=torch.bool)
         used[ids.flatten()] = True
         for mine, other in zip(model.parameters(), reference.parameters()):
@@ -179,33 +188,34 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return prepare_imdb("paper", data_dir=data_dir, cache_dir=root / "cache", vocab_size=40, length=16)
 
 
-def train_fused(splits, variant: str, seed: int, epochs: int):
-    seed_everything(seed)
+def train_fused(splits, variant: str, seed: int, epochs: int) -> tuple[list[tuple[float, int]], float]:
+    """``epochs`` rounds of FusedEngine (batches of 16, lr 1e-2): each round's (loss sum, correct)
+    and the test accuracy."""
+    torch.manual_seed(seed)
     model = IMDBClassifier(variant, vocab_size=len(splits.vocab), context_length=16, d_model=16, n_heads=2, d_ff=16)
-    config = TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, num_threads=1, progress=False, engine="fused")
-    return fit(model, splits.train, splits.val, splits.test, config, seed=seed)
+    engine = FusedEngine(model, TrainConfig(lr=1e-2), seed=seed)
+    task = BinaryClassification(splits.train, splits.val, splits.test)
+    generator = torch.Generator().manual_seed(seed)
+    history = []
+    for _ in range(epochs):
+        batches = task.round_batches(generator, 16)
+        stats = engine.train_round(task, batches, [1e-2] * len(batches))
+        history.append((stats.loss_sum.item(), stats.correct.item()))
+    test_ids, test_labels = splits.test
+    accuracy = ((engine.predict(test_ids)[0] > 0) == (test_labels > 0.5)).float().mean().item()
+    return history, accuracy
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
-def test_fit_with_the_fused_engine_learns(tiny, variant: str) -> None:
-    result = train_fused(tiny, variant, seed=0, epochs=6)
-    assert result.test_acc > 0.9, result.history
+def test_the_fused_engine_learns(tiny, variant: str) -> None:
+    history, accuracy = train_fused(tiny, variant, seed=0, epochs=6)
+    assert accuracy > 0.9, history
 
 
-def test_fit_with_the_fused_engine_is_deterministic(tiny) -> None:
+def test_the_fused_engine_is_deterministic(tiny) -> None:
     a, b, c = (train_fused(tiny, "super", seed, epochs=2) for seed in (3, 3, 4))
-    assert a.history == b.history and a.test_acc == b.test_acc
-    assert a.history != c.history
-
-
-def test_engine_option_is_checked(tiny) -> None:
-    assert ENGINES == ("autograd", "fused")
-    with pytest.raises(ValueError, match="engine must be one of .*, got 'jit'"):
-        TrainConfig(engine="jit")
-    models = [IMDBClassifier("standard", vocab_size=len(tiny.vocab), context_length=16) for _ in range(2)]
-    config = TrainConfig(epochs=1, progress=False, engine="fused")
-    with pytest.raises(ValueError, match="needs engine='autograd', got 'fused'"):
-        fit_replicas(models, tiny.train, tiny.val, tiny.test, config, seeds=[0, 1])
+    assert a == b
+    assert a != c
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
@@ -241,3 +251,98 @@ def test_train_epoch_is_the_python_loop_in_one_call() -> None:
     assert engines[1].steps_taken == optimizers[1].steps_taken == 7
     with pytest.raises(ValueError, match="optimizer must be a FusedAdam over this FusedIMDBStep"):
         engines[1].train_epoch(ids, labels, order, 32, optimizers[0])
+
+
+def test_fused_engine_round_is_train_epoch() -> None:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 60, (200, 16), generator=generator)
+    labels = torch.randint(0, 2, (200,), generator=generator).float()
+    order = torch.randperm(200, generator=generator)
+    models = [IMDBClassifier("standard", vocab_size=60, context_length=16) for _ in range(3)]
+    for model in models[1:]:
+        model.load_state_dict(models[0].state_dict())
+    step = FusedIMDBStep(models[0], seed=2)
+    expected = step.train_epoch(ids, labels, order, 32, FusedAdam(step, lr=1e-2), threshold=0.5)
+    task = BinaryClassification((ids, labels), (ids[:8], labels[:8]), threshold=0.5)
+    engine = FusedEngine(models[1], TrainConfig(lr=1e-2), seed=2)
+    models[1].eval()  # train_round trains in training mode whatever the model's mode
+    stats = engine.train_round(task, list(order.split(32)), [1e-2] * 7)
+    assert (stats.loss_sum.item(), stats.correct.item(), stats.terms, stats.examples) == (*expected, 200, 200)
+    assert models[1].training
+    other_rate = FusedEngine(models[2], TrainConfig(lr=5e-2), seed=2)  # the per-step rates are the ones used
+    stats = other_rate.train_round(task, list(order.split(32)), [1e-2] * 7)
+    assert (stats.loss_sum.item(), stats.correct.item()) == expected
+    for a, b, c in zip(*(model.parameters() for model in models)):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert torch.equal(engine.predict(ids)[0], step.logits(ids))
+    with pytest.raises(ValueError, match=r"lrs must have one rate per batch \(7\), got 2"):
+        engine.train_round(task, list(order.split(32)), [1e-2, 1e-2])
+    with pytest.raises(ValueError, match="one encoder block only, got 2"):
+        FusedEngine(IMDBClassifier("standard", vocab_size=60, context_length=16, n_blocks=2), TrainConfig(), seed=0)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_evaluation_is_the_training_forward_without_dropout(variant: str) -> None:
+    options = {"wa_bias": True} if variant == "super" else {}
+    model = IMDBClassifier(variant, vocab_size=50, context_length=16, **options)
+    ids, labels = batch(16)
+    fused = FusedIMDBStep(model, seed=4)
+    model.eval()  # a training step without dropout: the same forward as evaluation, then a backward
+    _, logits = fused.step(ids, labels)
+    assert torch.equal(fused.logits(ids), logits)
+
+
+def test_parts_are_found_by_name() -> None:
+    assert sorted(PARAMETER_SLOTS.values()) == sorted(load_extension().parameter_names())
+    model = IMDBClassifier("super", vocab_size=50, context_length=16, wa_bias=True)
+    parts = imdb_parts(model)
+    attention = model.blocks[0].attention
+    assert parts["wq"] is attention.q_proj.weight and parts["wa_bias"] is attention.wa_bias
+    assert parts["fc2_weight"] is model.blocks[0].ffn[2].weight and parts["head2_bias"] is model.head[4].bias
+    assert "wk" not in parts and "wv" not in parts  # super attention learns neither (attention.learns_*)
+    assert set(imdb_parts(IMDBClassifier("standard", vocab_size=50, context_length=16))) == (
+        set(PARAMETER_SLOTS.values()) - {"wa", "wa_bias"}
+    )
+
+
+def test_a_model_whose_parts_have_other_names_is_refused_with_the_name() -> None:
+    renamed = IMDBClassifier("standard", vocab_size=50, context_length=16)
+    renamed.head = nn.Sequential(  # the same layers under other names
+        OrderedDict(
+            drop1=nn.Dropout(0.1), fc1=nn.Linear(32, 6), relu=nn.ReLU(), drop2=nn.Dropout(0.1), fc2=nn.Linear(6, 1)
+        )
+    )
+    other_ffn = IMDBClassifier("standard", vocab_size=50, context_length=16)
+    other_ffn.blocks[0].ffn = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32))
+    extra = IMDBClassifier("standard", vocab_size=50, context_length=16)
+    extra.scale = nn.Parameter(torch.ones(1))
+    cases = {
+        "the model has no module 'head.0'": renamed,
+        "the model's 'blocks.0.ffn.1' must be a ReLU, got GELU": other_ffn,
+        r"the fused step does not know the model's parameter\(s\) \['scale'\]": extra,
+    }
+    for reason, model in cases.items():
+        with pytest.raises(ValueError, match=reason):
+            imdb_parts(model)
+        with pytest.raises(ValueError, match="FusedIMDBStep cannot train this model: " + reason):
+            FusedIMDBStep(model)
+
+
+def test_fit_with_the_fused_engine_keeps_the_best_epoch_and_repeats(tiny) -> None:
+    """pba.train.fit drives FusedEngine like any engine: same seed, same history; the kept epoch's
+    weights are back in the model, and its test accuracy is what the engine's own forward gives."""
+    task = BinaryClassification(tiny.train, tiny.val, tiny.test)
+    config = TrainConfig(epochs=3, batch_size=16, lr=1e-2, progress=False, num_threads=1)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = IMDBClassifier("super", vocab_size=len(tiny.vocab), context_length=16, d_model=16, n_heads=2, d_ff=16)
+        engine = FusedEngine(model, config, seed=0)
+        runs.append((fit(model, task, config, seed=0, engine=engine), model, engine))
+    (first, model, engine), (again, _, _) = runs
+    assert first.history == again.history and first.test_acc == again.test_acc
+    assert first.val_acc == max(h["val_acc"] for h in first.history)
+    (_,), (test_acc,) = evaluate(engine, task, "test")
+    assert test_acc == first.test_acc
+    with pytest.raises(ValueError, match="FusedEngine cannot train this model: it runs plain Adam only"):
+        FusedEngine(model, TrainConfig(optimizer="adamw"), seed=0)

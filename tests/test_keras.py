@@ -85,6 +85,26 @@ def test_outputs_and_gradients_match_torch(variant: str, options: dict, masks: s
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_nan_in_padded_tokens_stays_there(variant: str) -> None:
+    """As in PyTorch, padded key and value rows are zeroed: NaN there never reaches a real token."""
+    torch_layer, keras_layer = pair(variant)
+    real = right_padding_mask([L, 5], L)
+    x = torch.randn(2, L, D)
+    poisoned = torch.where(real[..., None], x, torch.full_like(x, float("nan")))
+    got = keras_layer(poisoned, key_padding_mask=real)
+    assert got[real].isfinite().all()
+    torch.testing.assert_close(got[real], torch_layer(x, key_padding_mask=real)[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_learns_the_same_maps_as_torch(variant: str) -> None:
+    keras_layer = pk.make_attention(variant, D, H, context_length=L)
+    torch_class = type(pba.make_attention(variant, D, H, context_length=L))
+    assert (keras_layer.learns_keys, keras_layer.learns_values) == (torch_class.learns_keys, torch_class.learns_values)
+    assert (keras_layer.k_proj is None, keras_layer.v_proj is None) == (not torch_class.learns_keys, not torch_class.learns_values)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
 def test_weights_round_trip_and_need_weights(variant: str) -> None:
     torch_layer, keras_layer = pair(variant)
     fresh = pba.make_attention(variant, D, H, context_length=L)

@@ -15,7 +15,17 @@ from pba.data import prepare_imdb
 from pba.experiments import ImdbSettings, run_grid
 from pba.experiments.cli import main
 from pba.models import IMDBClassifier
-from pba.train import TrainConfig, evaluate, fit, fit_replicas, pick_device, seed_everything
+from pba.train import (
+    BinaryClassification,
+    Classification,
+    LanguageModeling,
+    TrainConfig,
+    evaluate,
+    fit,
+    learning_rate,
+    pick_device,
+    seed_everything,
+)
 
 from .synthetic import write_imdb_like
 
@@ -65,11 +75,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
     return data_dir, splits
 
 
+def task_of(splits, threshold: float = 0.0) -> BinaryClassification:
+    return BinaryClassification(splits.train, splits.val, splits.test, threshold=threshold)
+
+
 def train_tiny(splits, variant: str, seed: int, epochs: int = 6):
     seed_everything(seed)
     model = IMDBClassifier(variant, vocab_size=len(splits.vocab), context_length=16, d_model=16, n_heads=2, d_ff=16)
     config = TrainConfig(epochs=epochs, batch_size=16, lr=1e-2, num_threads=1, progress=False)
-    return model, fit(model, splits.train, splits.val, splits.test, config, seed=seed)
+    return model, fit(model, task_of(splits), config, seed=seed)
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
@@ -94,8 +108,8 @@ def test_threshold_changes_accuracy_only(tiny) -> None:
     _, splits = tiny
     model, _ = train_tiny(splits, "standard", seed=0, epochs=1)
     ids, y = splits.test
-    loss0, acc0 = evaluate(model, ids, y, threshold=0.0)
-    loss5, acc5 = evaluate(model, ids, y, threshold=0.5)
+    (loss0,), (acc0,) = evaluate(model, task_of(splits, 0.0), "test")
+    (loss5,), (acc5,) = evaluate(model, task_of(splits, 0.5), "test")
     with torch.no_grad():
         logits = model.eval()(ids)
     assert loss0 == loss5
@@ -124,9 +138,9 @@ def test_replicas_train_as_separate_runs_would(tiny, variant: str, options: dict
     _, splits = tiny
     seeds = [0, 1, 2]
     alone = [build_tiny(splits, variant, s, dropout=0.0, **options) for s in seeds]
-    alone_results = [fit(m, splits.train, splits.val, splits.test, TINY_CONFIG, seed=s) for m, s in zip(alone, seeds)]
+    alone_results = [fit(m, task_of(splits), TINY_CONFIG, seed=s) for m, s in zip(alone, seeds)]
     stacked = [build_tiny(splits, variant, s, dropout=0.0, **options) for s in seeds]
-    stacked_results = fit_replicas(stacked, splits.train, splits.val, splits.test, TINY_CONFIG, seeds=seeds)
+    stacked_results = fit(stacked, task_of(splits), TINY_CONFIG, seeds=seeds)
     for a, b, model_a, model_b in zip(alone_results, stacked_results, alone, stacked):
         assert (a.best_epoch, a.val_acc, a.test_acc) == (b.best_epoch, b.val_acc, b.test_acc)
         for row_a, row_b in zip(a.history, b.history, strict=True):
@@ -147,7 +161,7 @@ def test_replicas_train_as_separate_runs_would(tiny, variant: str, options: dict
 def test_replicas_are_deterministic_and_learn(tiny) -> None:
     _, splits = tiny
     runs = [
-        fit_replicas([build_tiny(splits, "efficient", s) for s in (3, 4)], splits.train, splits.val, splits.test, TINY_CONFIG, seeds=[3, 4])
+        fit([build_tiny(splits, "efficient", s) for s in (3, 4)], task_of(splits), TINY_CONFIG, seeds=[3, 4])
         for _ in range(2)
     ]
     assert [r.history for r in runs[0]] == [r.history for r in runs[1]]
@@ -160,18 +174,86 @@ def test_replicas_bad_input(tiny) -> None:
     _, splits = tiny
     one = build_tiny(splits, "standard", 0)
     with pytest.raises(ValueError, match="seeds must give one seed per model: 2 models, got 1 seeds"):
-        fit_replicas([one, build_tiny(splits, "standard", 1)], splits.train, splits.val, seeds=[0])
+        fit([one, build_tiny(splits, "standard", 1)], task_of(splits), seeds=[0])
     with pytest.raises(ValueError, match=r"seeds must be distinct, got \[0, 0\]"):
-        fit_replicas([one, build_tiny(splits, "standard", 1)], splits.train, splits.val, seeds=[0, 0])
+        fit([one, build_tiny(splits, "standard", 1)], task_of(splits), seeds=[0, 0])
     with pytest.raises(ValueError, match=r"models\[1\] differs from models\[0\]"):
-        fit_replicas([one, build_tiny(splits, "super", 1)], splits.train, splits.val, seeds=[0, 1])
+        fit([one, build_tiny(splits, "super", 1)], task_of(splits), seeds=[0, 1])
     with pytest.raises(ValueError, match="at least one replica, got none"):
-        fit_replicas([], splits.train, splits.val, seeds=[])
+        fit([], task_of(splits), seeds=[])
 
 
 def test_bad_train_config() -> None:
     with pytest.raises(ValueError, match="epochs must be a positive int, got 0"):
         TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="optimizer must be one of \\('adam', 'adamw'\\), got 'sgd'"):
+        TrainConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"min_lr must lie in \[0, lr=0.001\], got 0.1"):
+        TrainConfig(min_lr=0.1)
+    with pytest.raises(ValueError, match="grad_clip must be positive or None, got 0"):
+        TrainConfig(grad_clip=0)
+
+
+def test_fit_refuses_mixed_seed_arguments(tiny) -> None:
+    _, splits = tiny
+    with pytest.raises(ValueError, match="one model takes seed=..., not seeds"):
+        fit(build_tiny(splits, "standard", 0), task_of(splits), TINY_CONFIG, seeds=[0])
+    with pytest.raises(ValueError, match="a list of models takes seeds="):
+        fit([build_tiny(splits, "standard", 0)], task_of(splits), TINY_CONFIG, seed=0)
+
+
+def test_learning_rate_schedule_by_hand() -> None:
+    config = TrainConfig(lr=1e-3, warmup_steps=4, schedule="cosine", min_lr=1e-4, decay_steps=14)
+    # warm-up: lr * (step + 1) / 4
+    assert [learning_rate(config, s, 100) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    # cosine from 1e-3 at step 4 to 1e-4 at step 14: halfway (step 9) is the mean, 5.5e-4
+    assert learning_rate(config, 9, 100) == pytest.approx(5.5e-4)
+    assert learning_rate(config, 14, 100) == pytest.approx(1e-4)
+    assert learning_rate(config, 50, 100) == 1e-4
+    assert learning_rate(TrainConfig(lr=3e-3), 77, 100) == 3e-3
+
+
+class _CountingLM(torch.nn.Module):
+    """A bigram model: logits of the next token from the current one."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)  # (B, T, V)
+
+
+def test_language_modeling_task_learns_a_cycle_and_selects_on_loss() -> None:
+    stream = torch.arange(3000) % 7  # 0 1 2 ... 6 0 1 ...: the next token is determined
+    task = LanguageModeling(stream[:2500], stream[2500:], block_size=8, steps_per_round=20, val_blocks=10)
+    x, y = task.batch("train", torch.tensor([[0, 5], [3, 9]]))  # (R, B) offsets
+    assert x.shape == (2, 2, 8) and torch.equal(y, (x + 1) % 7)
+    torch.manual_seed(0)
+    model = _CountingLM(7)
+    config = TrainConfig(epochs=3, batch_size=4, optimizer="adamw", lr=0.1, weight_decay=0.1, warmup_steps=5,
+                         schedule="cosine", min_lr=0.01, grad_clip=1.0, progress=False, num_threads=1)
+    result = fit(model, task, config, seed=0)
+    losses = [h["val_loss"] for h in result.history]
+    assert "val_acc" not in result.history[0] and "train_acc" not in result.history[0]
+    assert losses[-1] < losses[0] < 2.0  # ln 7 = 1.95 at the start
+    assert result.best_epoch == 1 + losses.index(min(losses))
+    # test is the whole validation stream in non-overlapping windows: (500 - 8) // 8 + 1 = 62
+    assert len(task.splits["test"][1]) == 62 and result.test_loss == pytest.approx(min(losses), abs=0.05)
+
+
+def test_classification_task_counts_argmax_hits() -> None:
+    task = Classification((torch.zeros(4, 2), torch.tensor([0, 1, 1, 0])), (torch.zeros(3, 2), torch.tensor([1, 1, 0])))
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 1.0]))  # always predicts class 1
+    (loss,), (acc,) = evaluate(model, task, "val")
+    assert acc == pytest.approx(2 / 3)
+    # cross-entropy of logits (0, 1): -log softmax = log(1 + e) - 1 for class 1, log(1 + e) for class 0
+    import math
+
+    assert loss == pytest.approx((2 * (math.log(1 + math.e) - 1) + math.log(1 + math.e)) / 3)
 
 
 # ------------------------------------------------------------------------------- grid and CLI
@@ -276,3 +358,26 @@ def test_cli_tiny_config(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert {r["variant"] for r in payload["summary"]} == {"standard", "efficient"}
     assert payload["environment"]["torch"] == torch.__version__
     assert (out.parent / "tiny.png").stat().st_size > 0 and (out.parent / "tiny.svg").exists()
+
+
+def test_gpt_replicas_with_decay_and_clipping_train_as_lone_runs_would() -> None:
+    """Stacked replicas of the language model (AdamW, weight decay on matrices only, clipping per
+    replica) follow the lone runs with the same seeds, and a stack of one works too."""
+    from pba.models import GPT, GPTConfig
+
+    stream = torch.randint(0, 11, (4000,), generator=torch.Generator().manual_seed(0))
+    task = LanguageModeling(stream[:3500], stream[3500:], block_size=8, steps_per_round=6, val_blocks=8)
+    config = TrainConfig(epochs=2, batch_size=4, optimizer="adamw", lr=3e-2, weight_decay=0.1, grad_clip=0.05,
+                         warmup_steps=2, schedule="cosine", progress=False, num_threads=1)
+
+    def build(seed: int) -> GPT:
+        seed_everything(seed)
+        return GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8, variant="super"))
+
+    alone = [fit(build(s), task, config, seed=s) for s in (0, 1)]
+    together = fit([build(0), build(1)], task, config, seeds=[0, 1])
+    for a, b in zip(alone, together):
+        assert [h["val_loss"] for h in b.history] == pytest.approx([h["val_loss"] for h in a.history], rel=1e-5)
+        assert b.test_loss == pytest.approx(a.test_loss, rel=1e-5)
+    (single,) = fit([build(0)], task, config, seeds=[0])
+    assert [h["train_loss"] for h in single.history] == pytest.approx([h["train_loss"] for h in alone[0].history], rel=1e-5)

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 
 from ..files import write_atomic
+from ._common import CACHE_DIR_ENV
+from ._common import cache_dir as _cache_dir
+from ._common import offline as _offline
 
 __all__ = [
     "IMDB_DIR_ENV",
@@ -47,8 +50,6 @@ __all__ = [
 
 #: environment variable naming a local directory of the Hub's Parquet files
 IMDB_DIR_ENV = "PBA_IMDB_DIR"
-#: environment variable naming the cache directory for encoded splits
-CACHE_DIR_ENV = "PBA_CACHE_DIR"
 HUB_DATASET = "stanfordnlp/imdb"
 
 PAD, UNK, SOS = "<PAD>", "<UNK>", "<SOS>"
@@ -82,13 +83,6 @@ class IMDBText:
 
 
 # ----------------------------------------------------------------------------------- loading
-def _offline() -> bool:
-    return any(
-        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def _check_parquet(path: Path) -> None:
     """Columns ``text`` (non-empty strings) and ``label`` (0 or 1), or a ValueError naming the file."""
     import pyarrow.parquet as pq
@@ -323,14 +317,6 @@ def _split_indices(protocol: Protocol, n_train: int, n_test: int, split_seed: in
     n_val = int(round(n_train * protocol.val_fraction))
     train = np.arange(n_train)
     return {"train": train[: n_train - n_val], "val": train[n_train - n_val :], "test": n_train + np.arange(n_test)}
-
-
-def _cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    return Path.home() / ".cache" / "pba"
 
 
 def prepare_imdb(

@@ -1,10 +1,24 @@
-"""Experiments from the command line: ``python -m pba.experiments imdb ...``.
+"""Experiments from the command line: ``python -m pba.experiments {imdb,shakespeare,mnist} ...``.
 
-:mod:`pba.experiments.imdb` runs grids of IMDB runs into a resumable JSON file;
-:mod:`pba.experiments.summary` turns that file into a table, statistics and figures.
+:mod:`pba.experiments.grid` runs a grid of any experiment into a resumable JSON file;
+:mod:`pba.experiments.imdb`, :mod:`~pba.experiments.shakespeare` and :mod:`~pba.experiments.mnist`
+describe the three experiments (settings, data, one run); :mod:`pba.experiments.summary` turns a
+results file into a table, statistics and figures.
 """
 
 from .imdb import QUIRKS, ImdbSettings, run_grid, run_one, run_stack
+from .mnist import MnistSettings
+from .shakespeare import ShakespeareSettings
 from .summary import load_results, summarise
 
-__all__ = ["QUIRKS", "ImdbSettings", "run_grid", "run_one", "run_stack", "summarise", "load_results"]
+__all__ = [
+    "QUIRKS",
+    "ImdbSettings",
+    "ShakespeareSettings",
+    "MnistSettings",
+    "run_grid",
+    "run_one",
+    "run_stack",
+    "summarise",
+    "load_results",
+]

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import gc
-import json
 import os
-import platform
-import subprocess
-import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from multiprocessing import get_context
-from pathlib import Path
 
-import torch
 
-from ..attention import VARIANTS
 from ..costs import count_parameters
-from ..files import write_json_atomic
 from ..data import EncodedSplits, prepare_imdb
 from ..models import IMDBClassifier
-from ..train import RunResult, TrainConfig, fit, fit_replicas, pick_device, seed_everything
+from ..train import BinaryClassification, Engine, RunResult, TrainConfig, pick_device
+from . import grid
+from .grid import environment
 
-__all__ = ["QUIRKS", "ImdbSettings", "run_one", "run_stack", "run_grid", "environment", "write_json_atomic"]
+__all__ = ["QUIRKS", "ENGINES", "ImdbSettings", "run_one", "run_stack", "run_grid", "environment"]
 
 #: The reference reimplementation's choices, each of which the book ablates one at a time.
 QUIRKS: dict[str, object] = {
@@ -37,6 +26,12 @@ QUIRKS: dict[str, object] = {
     "vocab_from": "all",  # vocabulary counted on all 50,000 reviews
     "threshold": 0.5,  # accuracy as logit > 0.5
 }
+
+
+#: How a training step computes its gradients: PyTorch's autograd, or pba.fused's C++ step. The
+#: fused step draws its dropout masks from its own generator, so its numbers differ from
+#: autograd's as another seed's would.
+ENGINES = ("autograd", "fused")
 
 
 @dataclass(frozen=True)
@@ -58,8 +53,8 @@ class ImdbSettings:
     vocab_from: str = "train"
     truncation: str | None = None  # None: the protocol's own
     threshold: float = 0.0
-    stack_seeds: bool = False  # train a variant's seeds together (pba.train.fit_replicas)
-    engine: str = "autograd"  # or "fused": pba.fused.FusedIMDBStep (CPU; see pba.train.TrainConfig)
+    stack_seeds: bool = False  # train a variant's seeds together (pba.train.ReplicaEngine)
+    engine: str = "autograd"  # or "fused": pba.fused.FusedEngine, the step in C++ (CPU only)
 
     @classmethod
     def with_quirks(cls, **overrides: object) -> ImdbSettings:
@@ -74,6 +69,38 @@ class ImdbSettings:
         if self.truncation is not None:
             overrides["truncation"] = self.truncation
         return overrides
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.stack_seeds and self.engine != "autograd":
+            raise ValueError(f"stack_seeds needs engine='autograd' (replicas are stacked with torch.func), got {self.engine!r}")
+
+    def task(self, splits: EncodedSplits) -> BinaryClassification:
+        """The classification task on ``splits`` with this protocol's accuracy threshold."""
+        return BinaryClassification(splits.train, splits.val, splits.test, threshold=self.threshold)
+
+    def train_config(self, device: str, num_threads: int | None, progress: bool) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, device=device, num_threads=num_threads,
+            progress=progress,
+        )
+
+    def build_model(self, variant: str, splits: EncodedSplits) -> IMDBClassifier:
+        return self.model(variant, len(splits.vocab), splits.train[0].shape[1])
+
+    def make_engine(self, model: IMDBClassifier, config: TrainConfig, seed: int, device: str) -> Engine | None:
+        """``pba.fused.FusedEngine`` with ``engine="fused"`` (CPU only); ``None``: autograd."""
+        if self.engine != "fused":
+            return None
+        from ..fused import FusedEngine
+
+        if pick_device(device).type != "cpu":
+            raise ValueError(f"engine='fused' runs on the CPU only, got device {device!r} (pass --device cpu)")
+        return FusedEngine(model, config, seed=seed)
+
+    def record(self, model: IMDBClassifier, result: RunResult, splits: EncodedSplits) -> dict:
+        return {"attention_parameters": count_parameters(model.blocks[0].attention) * len(model.blocks)}
 
     def model(self, variant: str, vocab_size: int, context_length: int) -> IMDBClassifier:
         options: dict[str, object] = {"softmax_over": self.softmax_over}
@@ -90,227 +117,61 @@ class ImdbSettings:
         )
 
 
-def environment(device: torch.device | str) -> dict[str, object]:
-    """Versions, device and machine, for every results file."""
-    device = torch.device(device)
-    env: dict[str, object] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        "git_revision": _git_revision(),
-    }
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
+def run_one(variant: str, seed: int, splits: EncodedSplits, settings: ImdbSettings, **options: object) -> dict:
+    """One seeded run (:func:`pba.experiments.grid.run_one`); ``options``: device, num_threads, progress."""
+    return grid.run_one(EXPERIMENT, variant, seed, splits, settings, **options)  # type: ignore[arg-type]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def run_stack(variant: str, seeds: Iterable[int], splits: EncodedSplits, settings: ImdbSettings, **options: object) -> list[dict]:
+    """Seeds of one variant trained together (:func:`pba.experiments.grid.run_stack`)."""
+    return grid.run_stack(EXPERIMENT, variant, seeds, splits, settings, **options)  # type: ignore[arg-type]
 
 
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+# ------------------------------------------------------------------------------- command line
+#: settings the command line sets through its own flags (--protocol, --epochs) rather than generated ones
+CLI_SKIP = ("protocol", "epochs")
 
 
-def run_one(
-    variant: str,
-    seed: int,
-    splits: EncodedSplits,
-    settings: ImdbSettings,
-    *,
-    device: str = "auto",
-    num_threads: int | None = 1,
-    progress: bool = False,
-) -> dict:
-    """One seeded run: build the model from ``seed``, train, evaluate; a JSON-ready dict."""
-    config = _prepare(variant, settings, device, num_threads, progress)
-    model = _seeded_model(variant, seed, splits, settings)
-    result = fit(model, splits.train, splits.val, splits.test, config, seed=seed)
-    return _run_record(variant, seed, result, model)
-
-
-def run_stack(
-    variant: str,
-    seeds: Iterable[int],
-    splits: EncodedSplits,
-    settings: ImdbSettings,
-    *,
-    device: str = "auto",
-    num_threads: int | None = 1,
-    progress: bool = False,
-) -> list[dict]:
-    """Several seeds of one variant trained together (:func:`pba.train.fit_replicas`).
-
-    Each replica is built from its own seed exactly as in :func:`run_one`; the records say which
-    seeds shared the stack (``"stack"``), since dropout masks are drawn for the stack as a whole.
-    """
-    config = _prepare(variant, settings, device, num_threads, progress)
-    seeds = list(seeds)
-    models = [_seeded_model(variant, seed, splits, settings) for seed in seeds]
-    results = fit_replicas(models, splits.train, splits.val, splits.test, config, seeds=seeds)
-    return [
-        {**_run_record(variant, seed, result, model), "stack": seeds}
-        for seed, result, model in zip(seeds, results, models)
-    ]
-
-
-def _prepare(
-    variant: str, settings: ImdbSettings, device: str, num_threads: int | None, progress: bool
-) -> TrainConfig:
-    """Check the variant, set the thread count, and turn ``settings`` into a training config."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    return TrainConfig(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        threshold=settings.threshold,
-        device=device,
-        num_threads=num_threads,
-        progress=progress,
-        engine=settings.engine,
+def add_arguments(parser) -> None:  # noqa: ANN001 (an argparse parser)
+    """The IMDB flags that are not plain settings fields."""
+    parser.add_argument("--protocol", choices=("seed", "paper"), default="seed")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument(
+        "--quirks",
+        choices=("none", "reference"),
+        default="none",
+        help="'reference': start from the reference reimplementation's choices (every flag below can still override)",
     )
 
 
-def _seeded_model(variant: str, seed: int, splits: EncodedSplits, settings: ImdbSettings) -> IMDBClassifier:
-    """The model initialised from ``seed`` (Python, NumPy and torch seeded first)."""
-    seed_everything(seed)
-    return settings.model(variant, len(splits.vocab), splits.train[0].shape[1])
+def settings_from_args(args, overrides: dict) -> ImdbSettings:  # noqa: ANN001
+    overrides = {**overrides, "protocol": args.protocol, "epochs": args.epochs}
+    return ImdbSettings.with_quirks(**overrides) if args.quirks == "reference" else ImdbSettings(**overrides)
 
 
-def _run_record(variant: str, seed: int, result: RunResult, model: IMDBClassifier) -> dict:
-    attention = model.blocks[0].attention
-    return {
-        "variant": variant,
-        "seed": seed,
-        **result.to_dict(),
-        "attention_parameters": count_parameters(attention) * len(model.blocks),
-    }
+def report(run: dict) -> str:
+    return (f"{run['variant']:<10} seed {run['seed']}: test acc {run['test_acc']:.4f} "
+            f"(best epoch {run['best_epoch']}, {run['train_seconds']:.1f} s)")
 
 
-# ------------------------------------------------------------------------- parallel workers
-_WORKER: dict[str, object] = {}
-
-
-def _worker_init(protocol: str, split_seed: int, overrides: dict, data_dir: str | None) -> None:
-    _WORKER["splits"] = prepare_imdb(protocol, split_seed=split_seed, data_dir=data_dir, **overrides)
-    # Everything loaded so far lives as long as the worker: keep the garbage collector from
-    # rescanning it during training (it showed as 3-4 % of a fused run's profile).
-    gc.freeze()
-
-
-def _worker_run(args: tuple) -> list[dict]:
-    return _run_job(*args, _WORKER["splits"])
-
-
-def _run_job(
-    variant: str, seeds: list[int], settings: ImdbSettings, device: str, num_threads: int | None, splits: EncodedSplits
-) -> list[dict]:
-    """One job of a grid: a stack of seeds, or a single seed."""
-    if settings.stack_seeds:
-        return run_stack(variant, seeds, splits, settings, device=device, num_threads=num_threads)
-    (seed,) = seeds
-    return [run_one(variant, seed, splits, settings, device=device, num_threads=num_threads)]
-
-
-def run_grid(
-    out: str | os.PathLike[str],
-    *,
-    variants: Iterable[str] = VARIANTS,
-    seeds: Iterable[int] = range(5),
-    settings: ImdbSettings = ImdbSettings(),
-    data_dir: str | None = None,
-    device: str = "auto",
-    workers: int = 1,
-    num_threads: int | None = 1,
-    command: str | None = None,
-    on_run: Callable[[dict], None] | None = None,
-) -> dict:
-    """Run every ``(variant, seed)`` not yet in ``out``, saving ``out`` atomically after each run.
-
-    A killed grid restarts where it stopped: finished runs are read back, never redone. ``out``
-    written under other settings is an error (start a new file instead of mixing results).
-    ``workers > 1`` runs that many processes (each with ``num_threads`` CPU threads; on a GPU they
-    share the device); a run's numbers do not depend on which worker ran it. With
-    ``settings.stack_seeds`` a variant's seeds are one job, trained together and saved together.
-    """
-    out = Path(out)
-    variants, seeds = list(variants), list(seeds)
-    for variant in variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"variants must be among {VARIANTS}, got {variant!r}")
-    resolved = pick_device(device)
-    config = dataclasses.asdict(settings)
-    payload: dict = {"command": command, "settings": config, "runs": []}
-    if out.exists():
-        try:
-            previous = json.loads(out.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{out} is not a results file (invalid JSON: {error})") from error
-        # A setting added after the file was written ran at its default there.
-        before = {**dataclasses.asdict(ImdbSettings()), **previous.get("settings", {})}
-        if before != config:
-            raise ValueError(
-                f"{out} holds runs made with other settings; choose another --out. "
-                f"Differences: { {k: (before.get(k), v) for k, v in config.items() if before.get(k) != v} }"
-            )
-        payload["runs"] = previous.get("runs", [])
-    done = {(r["variant"], r["seed"]) for r in payload["runs"]}
-    todo = [(v, s) for v in variants for s in seeds if (v, s) not in done]
-
-    splits = prepare_imdb(
+# ------------------------------------------------------------------------------------ the grid
+def load(settings: ImdbSettings, data_dir: str | None) -> EncodedSplits:
+    """The encoded splits that ``settings`` train on (cached on disk by :func:`prepare_imdb`)."""
+    return prepare_imdb(
         settings.protocol, split_seed=settings.split_seed, data_dir=data_dir, **settings.tokenizer_overrides()
     )
-    payload["data"] = {"settings": splits.settings, "sizes": splits.sizes(), "vocab_size": len(splits.vocab)}
-    payload["environment"] = environment(resolved)
-    payload["environment"]["workers"] = workers
-    payload["environment"]["threads_per_run"] = num_threads
 
-    def record(runs: list[dict]) -> None:  # a job's runs are saved together
-        payload["runs"].extend(runs)
-        payload["runs"].sort(key=lambda r: (variants.index(r["variant"]) if r["variant"] in variants else 99, r["seed"]))
-        write_json_atomic(out, payload)
-        if on_run is not None:
-            for run in runs:
-                on_run(run)
 
-    if settings.stack_seeds:  # one job per variant: its seeds not yet done, trained together
-        groups = [[s for v, s in todo if v == variant] for variant in variants]
-        jobs = [(v, g, settings, str(resolved), num_threads) for v, g in zip(variants, groups) if g]
-    else:
-        jobs = [(v, [s], settings, str(resolved), num_threads) for v, s in todo]
+def describe(splits: EncodedSplits) -> dict:
+    return {"settings": splits.settings, "sizes": splits.sizes(), "vocab_size": len(splits.vocab)}
 
-    started = time.perf_counter()
-    if workers > 1 and len(jobs) > 1:
-        initargs = (settings.protocol, settings.split_seed, settings.tokenizer_overrides(), data_dir)
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init, initargs=initargs) as pool:
-            for future in as_completed([pool.submit(_worker_run, job) for job in jobs]):
-                record(future.result())  # saved as soon as a job finishes, whatever the order
-    else:
-        for job in jobs:
-            record(_run_job(*job, splits))
-    payload["environment"]["grid_seconds_this_session"] = time.perf_counter() - started
-    write_json_atomic(out, payload)
-    return payload
+
+#: The IMDB experiment, as :func:`pba.experiments.grid.run_grid` and the command line see it.
+EXPERIMENT = grid.Experiment(
+    "imdb", ImdbSettings, load, describe, report, metric="test_acc", default_seeds=5
+)
+
+
+def run_grid(out: str | os.PathLike[str], **options: object) -> dict:
+    """The IMDB grid: :func:`pba.experiments.grid.run_grid` of :data:`EXPERIMENT` (same options)."""
+    return grid.run_grid(EXPERIMENT, out, **options)  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["REFERENCE", "summarise", "format_table", "plot_results", "load_results"]
+__all__ = ["REFERENCE", "METRICS", "summarise", "format_table", "plot_results", "load_results"]
 
 #: The reference reimplementation's published means (sd) of 5 runs, PyTorch, seed protocol, and
 #: its own script rerun on our copy of the data (means only).
@@ -29,72 +29,88 @@ def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | tupl
     return float(t), float(p)
 
 
-def summarise(payload: dict, baseline: str = "standard") -> list[dict]:
-    """One row per variant in the file: runs, accuracy mean/sd, parameters, time, Welch vs baseline."""
+#: How each metric a summary can compare is printed: its label and its factor (accuracy in percent).
+METRICS: dict[str, tuple[str, float]] = {
+    "test_acc": ("test accuracy", 100.0),
+    "test_loss": ("final loss (nats/token)", 1.0),
+}
+
+
+def summarise(payload: dict, baseline: str = "standard", *, metric: str = "test_acc") -> list[dict]:
+    """One row per variant in the file: runs, ``metric`` mean/sd/sem, parameters, time, Welch vs baseline.
+
+    The reference reimplementation's published numbers are added to IMDB files only.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
     by_variant: dict[str, list[dict]] = {}
     for run in payload["runs"]:
         by_variant.setdefault(run["variant"], []).append(run)
-    base = [r["test_acc"] for r in by_variant.get(baseline, [])]
+    base = [r[metric] for r in by_variant.get(baseline, [])]
+    imdb = payload.get("experiment", "imdb") == "imdb"
     rows = []
     for variant, runs in by_variant.items():
-        accs = [r["test_acc"] for r in runs]
-        t, p = (None, None) if variant == baseline else _welch(accs, base)
+        values = [r[metric] for r in runs]
+        t, p = (None, None) if variant == baseline else _welch(values, base)
         rows.append(
             {
                 "variant": variant,
                 "runs": len(runs),
-                "mean_test_acc": statistics.fmean(accs),
-                "sd_test_acc": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                "sem_test_acc": statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) > 1 else 0.0,
+                f"mean_{metric}": statistics.fmean(values),
+                f"sd_{metric}": statistics.stdev(values) if len(values) > 1 else 0.0,
+                f"sem_{metric}": statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0,
                 "parameters": runs[0]["parameters"],
                 "attention_parameters": runs[0]["attention_parameters"],
                 "median_train_seconds": statistics.median(r["train_seconds"] for r in runs),
                 "mean_best_epoch": statistics.fmean(r["best_epoch"] for r in runs),
                 "welch_t_vs_" + baseline: t,
                 "welch_p_vs_" + baseline: p,
-                **{f"reference_{k}": v for k, v in REFERENCE.get(variant, {}).items()},
+                **({f"reference_{k}": v for k, v in REFERENCE.get(variant, {}).items()} if imdb else {}),
             }
         )
     return rows
 
 
-def format_table(rows: list[dict], baseline: str = "standard") -> str:
+def format_table(rows: list[dict], baseline: str = "standard", *, metric: str = "test_acc") -> str:
     """A plain-text table of :func:`summarise`'s rows."""
-    head = f"{'variant':<10} {'n':>2} {'test acc (mean +/- sd)':>22} {'attn params':>11} {'median s':>9} {'p vs ' + baseline:>12} {'reference':>9}"
+    label, scale = METRICS[metric]
+    head = f"{'variant':<10} {'n':>2} {label + ' (mean +/- sd)':>30} {'attn params':>11} {'median s':>9} {'p vs ' + baseline:>12} {'reference':>9}"
     lines = [head, "-" * len(head)]
     for r in rows:
         p = r["welch_p_vs_" + baseline]
         ref = r.get("reference_published_mean")
         lines.append(
-            f"{r['variant']:<10} {r['runs']:>2} {100 * r['mean_test_acc']:>14.2f} +/- {100 * r['sd_test_acc']:4.2f} "
+            f"{r['variant']:<10} {r['runs']:>2} {scale * r[f'mean_{metric}']:>20.{2 if scale > 1 else 4}f} +/- {scale * r[f'sd_{metric}']:5.{2 if scale > 1 else 4}f} "
             f"{r['attention_parameters']:>11,} {r['median_train_seconds']:>9.1f} "
             f"{'' if p is None else f'{p:.3f}':>12} {'' if ref is None else f'{100 * ref:.2f}':>9}"
         )
     return "\n".join(lines)
 
 
-def plot_results(payload: dict, directory: str | Path, stem: str) -> list[Path]:
-    """Validation curves and accuracy against attention parameters, as PNG and SVG."""
+def plot_results(payload: dict, directory: str | Path, stem: str, *, metric: str = "test_acc") -> list[Path]:
+    """Validation curves and ``metric`` against attention parameters, as PNG and SVG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    label, _ = METRICS[metric]
+    curve = "val_acc" if metric == "test_acc" else "val_loss"
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = summarise(payload)
+    rows = summarise(payload, metric=metric)
     written = []
     fig, (ax_curve, ax_params) = plt.subplots(1, 2, figsize=(10, 3.8))
     for row in rows:
         runs = [r for r in payload["runs"] if r["variant"] == row["variant"]]
         epochs = [h["epoch"] for h in runs[0]["history"]]
-        mean_val = [statistics.fmean(r["history"][i]["val_acc"] for r in runs) for i in range(len(epochs))]
+        mean_val = [statistics.fmean(r["history"][i][curve] for r in runs) for i in range(len(epochs))]
         ax_curve.plot(epochs, mean_val, marker="o", label=row["variant"])
         ax_params.errorbar(
-            row["attention_parameters"], row["mean_test_acc"], yerr=row["sd_test_acc"], fmt="o", capsize=4, label=row["variant"]
+            row["attention_parameters"], row[f"mean_{metric}"], yerr=row[f"sd_{metric}"], fmt="o", capsize=4, label=row["variant"]
         )
-    ax_curve.set(xlabel="epoch", ylabel="validation accuracy (mean over seeds)", title="Training curves")
-    ax_params.set(xlabel="attention parameters", ylabel="test accuracy (mean +/- sd)", title="Accuracy vs parameters")
+    ax_curve.set(xlabel="round" if metric != "test_acc" else "epoch", ylabel=f"{curve.replace('_', ' ')} (mean over seeds)", title="Training curves")
+    ax_params.set(xlabel="attention parameters", ylabel=f"{label} (mean +/- sd)", title=f"{label.capitalize()} vs parameters")
     ax_curve.legend()
     ax_params.legend()
     fig.tight_layout()

@@ -16,7 +16,14 @@ import math
 import keras
 from keras import ops
 
-from ..attention import _CAUSAL_NEEDS_KEYS, VARIANTS, _check_choice, _check_layer_options, _check_positive_int
+from ..attention import (
+    _CAUSAL_NEEDS_KEYS,
+    VARIANTS,
+    _check_choice,
+    _check_layer_options,
+    _check_positive_int,
+    learned_projections,
+)
 
 __all__ = [
     "StandardAttention",
@@ -37,8 +44,18 @@ class StandardAttention(keras.layers.Layer):
     ``need_weights`` is true.
     """
 
-    learns_keys = True
-    learns_values = True
+    #: the variant this class implements; which maps it learns comes from the PyTorch classes
+    variant = "standard"
+
+    @property
+    def learns_keys(self) -> bool:
+        """Whether the layer learns ``W^K`` (:func:`pba.attention.learned_projections`)."""
+        return "k" in learned_projections(self.variant)
+
+    @property
+    def learns_values(self) -> bool:
+        """Whether the layer learns ``W^V`` (:func:`pba.attention.learned_projections`)."""
+        return "v" in learned_projections(self.variant)
 
     def __init__(
         self,
@@ -78,7 +95,7 @@ class StandardAttention(keras.layers.Layer):
     def project_key(self, key):
         return self.k_proj(key)
 
-    def project_value(self, value, key_padding_mask, is_causal: bool):
+    def project_value(self, value, is_causal: bool):
         return self.v_proj(value)
 
     # ----------------------------------------------------------------------------- forward
@@ -100,8 +117,13 @@ class StandardAttention(keras.layers.Layer):
         value = key if value is None else value
         self._check_inputs(query, key, value, key_padding_mask, is_causal)
         q = self.split_heads(self.q_proj(query))  # (B, h, L_q, d_k)
+        if key_padding_mask is not None:  # padded rows carry nothing, not even NaN (as in PyTorch)
+            real = ops.cast(key_padding_mask, "bool")[..., None]
+            key = ops.where(real, key, ops.zeros_like(key))
         k = self.split_heads(self.project_key(key))  # (B, h, L_k, d_k)
-        v = self.split_heads(self.project_value(value, key_padding_mask, is_causal))
+        if key_padding_mask is not None:
+            value = ops.where(real, value, ops.zeros_like(value))
+        v = self.split_heads(self.project_value(value, is_causal))
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.d_k)
         axis = -1 if self.softmax_over == "keys" else -2
         allowed = self._allowed(key_padding_mask, is_causal, ops.shape(query)[1], ops.shape(key)[1])
@@ -177,9 +199,9 @@ class StandardAttention(keras.layers.Layer):
 class OptimisedAttention(StandardAttention):
     """Optimised attention: no ``W^V``; head ``i`` reads the slice ``X_i`` as values."""
 
-    learns_values = False
+    variant = "optimised"
 
-    def project_value(self, value, key_padding_mask, is_causal: bool):
+    def project_value(self, value, is_causal: bool):
         return value
 
 
@@ -187,7 +209,7 @@ class OptimisedAttention(StandardAttention):
 class EfficientAttention(OptimisedAttention):
     """Efficient attention: no ``W^K`` either; keys are the slices ``X_i``."""
 
-    learns_keys = False
+    variant = "efficient"
 
     def project_key(self, key):
         return key
@@ -197,6 +219,8 @@ class EfficientAttention(OptimisedAttention):
 class SuperAttention(EfficientAttention):
     """Super attention: efficient attention with values ``W^A X_i``; see
     :class:`pba.attention.SuperAttention` (``context_length``, ``wa_sharing``, ``wa_bias``)."""
+
+    variant = "super"
 
     def __init__(
         self,
@@ -228,10 +252,8 @@ class SuperAttention(EfficientAttention):
         )
         super().build(query_shape)
 
-    def project_value(self, value, key_padding_mask, is_causal: bool):
-        length = ops.shape(value)[1]
-        if key_padding_mask is not None:
-            value = ops.where(key_padding_mask[..., None], value, ops.zeros_like(value))
+    def project_value(self, value, is_causal: bool):
+        length = ops.shape(value)[1]  # padded rows are zero already (call zeroes them)
         wa = self.wa_weight[..., :length, :length]
         if is_causal:
             wa = ops.tril(wa)  # lower-triangular: no value row mixes a later token
@@ -264,12 +286,7 @@ class SuperAttention(EfficientAttention):
         return config
 
 
-_CLASSES = {
-    "standard": StandardAttention,
-    "optimised": OptimisedAttention,
-    "efficient": EfficientAttention,
-    "super": SuperAttention,
-}
+_CLASSES = {cls.variant: cls for cls in (StandardAttention, OptimisedAttention, EfficientAttention, SuperAttention)}
 
 
 def make_attention(variant: str, d_model: int, n_heads: int, **options: object) -> StandardAttention:

@@ -1,9 +1,27 @@
 """Models built from :mod:`pba.attention` layers, one file per model.
 
 :mod:`pba.models.imdb`
-    :class:`IMDBClassifier`, the paper's text classifier (post-LN encoder, mean pooling).
+    :class:`~pba.models.imdb.IMDBClassifier`, the paper's text classifier (post-LN encoder, mean pooling).
+:mod:`pba.models.gpt`
+    :class:`~pba.models.gpt.GPT`, a character-level decoder (pre-LN, causal attention), and :func:`~pba.models.gpt.generate`.
+:mod:`pba.models.vit`
+    :class:`~pba.models.vit.ViT`, a small Vision Transformer over non-overlapping patches.
 """
 
+from .gpt import GPT, GPTBlock, GPTConfig, generate
 from .imdb import EncoderBlock, IMDBClassifier
+from .vit import ViT, ViTBlock, ViTConfig, patchify, unpatchify
 
-__all__ = ["EncoderBlock", "IMDBClassifier"]
+__all__ = [
+    "EncoderBlock",
+    "IMDBClassifier",
+    "GPT",
+    "GPTBlock",
+    "GPTConfig",
+    "generate",
+    "ViT",
+    "ViTBlock",
+    "ViTConfig",
+    "patchify",
+    "unpatchify",
+]
