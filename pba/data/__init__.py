@@ -11,38 +11,9 @@ Every loader takes a ``data_dir`` argument, falls back to an environment variabl
 a message naming both when neither is set and the machine is offline.
 """
 
-from .imdb import (
-    CACHE_DIR_ENV,
-    IMDB_DIR_ENV,
-    PROTOCOLS,
-    EncodedSplits,
-    IMDBText,
-    Tokenizer,
-    TokenizerConfig,
-    clean_text,
-    load_imdb,
-    prepare_imdb,
-)
-from .mnist import MNIST_DIR_ENV, MNISTData, MNISTSplits, load_mnist, split_mnist
-from .shakespeare import SHAKESPEARE_DIR_ENV, CharCorpus, load_shakespeare
+from . import imdb, mnist, shakespeare
+from .imdb import *  # noqa: F403 (the names imdb.__all__ lists)
+from .mnist import *  # noqa: F403
+from .shakespeare import *  # noqa: F403
 
-__all__ = [
-    "IMDB_DIR_ENV",
-    "CACHE_DIR_ENV",
-    "IMDBText",
-    "TokenizerConfig",
-    "Tokenizer",
-    "EncodedSplits",
-    "PROTOCOLS",
-    "load_imdb",
-    "prepare_imdb",
-    "clean_text",
-    "SHAKESPEARE_DIR_ENV",
-    "CharCorpus",
-    "load_shakespeare",
-    "MNIST_DIR_ENV",
-    "MNISTData",
-    "MNISTSplits",
-    "load_mnist",
-    "split_mnist",
-]
+__all__ = [*imdb.__all__, *shakespeare.__all__, *mnist.__all__]
