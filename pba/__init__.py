@@ -7,7 +7,7 @@ torch.Size([2, 32, 32])
 
 Submodules: :mod:`pba.attention` (the layers), :mod:`pba.costs` (parameter and multiply-add
 formulas), :mod:`pba.data` (IMDB), :mod:`pba.models` (the classifier), :mod:`pba.train`,
-:mod:`pba.experiments` (command line) and, with Keras 3 installed, :mod:`pba.keras`.
+:mod:`pba.interop` (``torch.nn.MultiheadAttention`` both ways), :mod:`pba.experiments` (command line) and, with Keras 3 installed, :mod:`pba.keras`.
 """
 
 from . import costs, data, models, train
@@ -19,8 +19,9 @@ from .attention import (
     SuperAttention,
     make_attention,
 )
+from .interop import MultiheadAttentionAdapter, from_torch, to_torch
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "VARIANTS",
@@ -29,6 +30,9 @@ __all__ = [
     "EfficientAttention",
     "SuperAttention",
     "make_attention",
+    "from_torch",
+    "to_torch",
+    "MultiheadAttentionAdapter",
     "costs",
     "data",
     "models",

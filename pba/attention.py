@@ -21,13 +21,15 @@ Which maps a variant learns is recorded once, in the class attributes ``learns_k
 ``learns_values`` and ``learns_token_mixing``; :func:`learned_projections` reads them for everything
 else that needs to know (:mod:`pba.costs`, the Keras layers, the benchmarks).
 
+Conversion to and from ``torch.nn.MultiheadAttention`` lives in :mod:`pba.interop`.
+
 This module depends on ``torch`` alone: the layers can be lifted into any model.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,6 @@ __all__ = [
     "PROJECTION_ATTRIBUTES",
     "split_heads",
     "merge_heads",
-    "mix_tokens",
-    "standard_from_torch",
     "merge_projections",
 ]
 
@@ -65,63 +65,6 @@ def merge_heads(x: Tensor) -> Tensor:
     """``(B, h, L, d_k) -> (B, L, h*d_k)``: the concatenation ``[H_1 ... H_h]``."""
     batch, n_heads, length, d_k = x.shape
     return x.transpose(1, 2).reshape(batch, length, n_heads * d_k)
-
-
-class _MixTokens(torch.autograd.Function):
-    """``W^A X`` for every item of a batch: ``(L, L), (B, L, d) -> (B, L, d)``; the numbers of ``wa @ x``.
-
-    ``wa @ x`` broadcasts ``W^A`` over the batch by copying ``x`` into a ``(B*d, L)`` matrix and the
-    result back. This function avoids both copies:
-
-    * forward, ``Y_b = W^A X_b``: one batched product over ``B`` stride-0 views of ``W^A``
-      (``expand`` allocates nothing);
-    * ``dX_b = (W^A)^T dY_b``: the same batched product with ``(W^A)^T``;
-    * ``dW^A = sum_b dY_b X_b^T``: one ``(L, B*d) @ (B*d, L)`` product. It is the product that
-      ``wa @ x``'s own backward computes, so it rounds the same way and a model trained through
-      either gets the same numbers (a batched product followed by a sum over ``b`` would round
-      differently).
-
-    ``tests/test_attention.py`` checks its values and gradients against ``wa @ x`` and its second
-    derivatives numerically; ``benchmarks/attention_speed.py`` times super attention, which calls it.
-    """
-
-    generate_vmap_rule = True  # vmap-able wherever mix_tokens does not route around it
-
-    @staticmethod
-    def forward(wa: Tensor, x: Tensor) -> Tensor:
-        batch, length, _ = x.shape
-        return torch.bmm(wa.expand(batch, length, length), x)  # (B, L, d)
-
-    @staticmethod
-    def setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:  # noqa: ANN001
-        ctx.save_for_backward(*inputs)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:  # noqa: ANN001
-        wa, x = ctx.saved_tensors
-        batch, length, d = x.shape
-        grad_wa = grad_x = None
-        if ctx.needs_input_grad[0]:  # dW^A = sum_b dY_b X_b^T: (L, B*d) @ (B*d, L)
-            grad_wa = (x.mT.reshape(batch * d, length).t() @ grad.mT.reshape(batch * d, length)).t()
-        if ctx.needs_input_grad[1]:  # dX_b = (W^A)^T dY_b
-            grad_x = torch.bmm(wa.mT.expand(batch, length, length), grad)
-        return grad_wa, grad_x
-
-
-#: Whether a tensor is a ``torch.func.vmap`` wrapper (functorch's own test; absent: never).
-_is_vmapped = getattr(torch._C._functorch, "is_batchedtensor", lambda tensor: False)
-
-
-def mix_tokens(wa: Tensor, x: Tensor) -> Tensor:
-    """``W^A X`` for each item: ``(L, L), (B, L, d) -> (B, L, d)``; equals ``wa @ x``, with fewer copies.
-
-    Under ``torch.func.vmap`` (replicas trained together by :class:`pba.train.ReplicaEngine`) it is
-    plain ``wa @ x``: vmap already turns that product into one batched product without the copies,
-    so ``_MixTokens`` (whose batching rule torch would generate) has nothing to add there.
-    """
-    if _is_vmapped(wa) or _is_vmapped(x):
-        return wa @ x
-    return _MixTokens.apply(wa, x)
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -167,6 +110,38 @@ _CAUSAL_NEEDS_KEYS = (
 )
 
 
+class _Projection(nn.Linear):
+    """An ``nn.Linear`` whose :meth:`reset_parameters` gives the attention layer's initialisation.
+
+    ``weight_init="xavier"`` (``W^Q, W^K, W^V``): Xavier-uniform weight, as ``nn.MultiheadAttention``'s
+    ``in_proj_weight``. ``weight_init="linear"`` (``W^O``): ``nn.Linear``'s default weight, as
+    ``nn.MultiheadAttention``'s ``out_proj``. The bias is zero in both. Because the rule lives on the
+    projection itself, any order of resetting (a model's ``apply``, or a loop over ``modules()``
+    after ``to_empty``) ends with the layer's initialisation, not ``nn.Linear``'s.
+
+    ``nn.Linear.__init__`` draws its own default first (``weight_init`` is still ``None`` then); the
+    attention layer re-draws the Xavier weights afterwards. That is the random stream every seeded
+    result in the book was made with.
+    """
+
+    weight_init: str | None = None
+
+    def __init__(self, d_model: int, *, bias: bool, weight_init: str, **factory: object) -> None:
+        super().__init__(d_model, d_model, bias=bias, **factory)
+        self.weight_init = weight_init
+
+    def reset_parameters(self) -> None:
+        if self.weight_init is None:  # inside nn.Linear.__init__
+            super().reset_parameters()
+            return
+        if self.weight_init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+        else:
+            super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class StandardAttention(nn.Module):
     r"""Multi-head scaled dot-product attention (Vaswani et al., 2017), batch-first.
 
@@ -189,22 +164,41 @@ class StandardAttention(nn.Module):
             the same numbers.
         device, dtype: factory arguments for the parameters.
 
-    Masks:
-        ``key_padding_mask`` is a bool tensor ``(B, L_k)`` where ``True`` marks a **real** token
-        (the convention of ``F.scaled_dot_product_attention`` and Hugging Face's
-        ``attention_mask``; ``torch.nn.MultiheadAttention`` uses the opposite). ``is_causal=True``
-        lets query ``t`` see keys ``<= t`` (needs ``L_q == L_k``). A query that may see no key at all
-        gets all-zero attention weights, so its output is the output bias ``b^O`` (never NaN).
-        Padded key and value rows are set to zero before any projection, so nothing they hold (not
-        even NaN or inf, which a zero attention weight does not cancel) reaches a real token.
+    Masks (the argument names and meanings of ``torch.nn.MultiheadAttention``):
+        ``key_padding_mask`` ``(B, L_k)``: bool, ``True`` marks **padding** (a key no query may
+        read), or float, added to every query's score for that key (``-inf`` = padding).
+        ``attn_mask``, broadcastable to ``(B, h, L_q, L_k)``: bool, ``True`` marks a **forbidden**
+        query-key pair, or float, added to the scores. (``F.scaled_dot_product_attention`` reads a
+        bool ``attn_mask`` the other way round; these layers follow ``nn.MultiheadAttention``, whose
+        place they take, and both of whose bool masks mean "ignore".)
+        ``is_causal=True`` lets query ``t`` read keys ``j <= t + L_k - L_q``: the queries are the
+        last ``L_q`` positions of the keys' sequence (``L_q <= L_k``; ``L_q == L_k`` is the usual
+        square mask, ``L_q = 1`` is decoding one token against its prefix).
+        A query that may read no key at all gets all-zero attention weights, so its output is the
+        output bias ``b^O`` (never NaN). Padded key and value rows are set to zero before any
+        projection, so nothing they hold (not even NaN or inf, which a zero attention weight does not
+        cancel) reaches a real token.
+
+    Shapes: ``(B, L, d_model)``, or unbatched ``(L, d_model)`` with a ``(L_k,)`` padding mask.
 
     Inputs must have the parameters' dtype (a ``TypeError`` names the argument and both dtypes),
     except under :func:`torch.autocast`, which casts them.
 
-    Second derivatives: the explicit path (``fused=False``) supports double backward (gradient
-    penalties, Hessian-vector products). On CPU the fused path runs torch's
-    ``_scaled_dot_product_flash_attention_for_cpu``, whose backward torch cannot differentiate:
-    differentiating a gradient taken through it raises a ``RuntimeError``. Use ``fused=False`` there.
+    Initialisation: Xavier-uniform ``W^Q, W^K, W^V``, ``nn.Linear``'s default ``W^O``, zero biases
+    (as ``nn.MultiheadAttention``). :meth:`reset_parameters` draws it again, so a layer built on the
+    ``meta`` device can be materialised with ``to_empty`` and reset.
+
+    Derivatives: every path gives reverse-mode gradients (``backward``, ``torch.func.grad``,
+    ``vmap``). The explicit path (``fused=False``) also gives forward mode (``torch.func.jvp``) and
+    double backward (gradient penalties, Hessian-vector products). On CPU the fused path runs torch's
+    ``_scaled_dot_product_flash_attention_for_cpu``, which has no forward-mode rule and whose backward
+    torch cannot differentiate: both raise a ``RuntimeError``. Use ``fused=False`` there, or keep
+    ``fused=True`` and select torch's math kernel with
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``.
+
+    Tracing: the input checks are skipped under ``torch.jit.trace`` and become run-time assertions
+    under ``torch.export``/``torch.compile`` with dynamic shapes, so a layer exports with a dynamic
+    batch size and length (up to ``context_length`` for super attention).
     """
 
     #: whether the layer learns ``W^K`` (``False``: keys are the column slices ``X_i``)
@@ -237,24 +231,22 @@ class StandardAttention(nn.Module):
         self.dropout = float(dropout)
         self.softmax_over: SoftmaxOver = softmax_over
         self.fused = bool(fused)
-        factory = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias, **factory)  # W^Q
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias, **factory) if self.learns_keys else None
-        self.v_proj = (
-            nn.Linear(d_model, d_model, bias=bias, **factory) if self.learns_values else None
-        )
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias, **factory)  # W^O
-        self._reset_projections()
-
-    def _reset_projections(self) -> None:
-        """Xavier-uniform input projections with zero biases, as ``nn.MultiheadAttention``."""
-        for proj in (self.q_proj, self.k_proj, self.v_proj):
+        factory = {"bias": bias, "device": device, "dtype": dtype}
+        self.q_proj = _Projection(d_model, weight_init="xavier", **factory)  # W^Q
+        self.k_proj = _Projection(d_model, weight_init="xavier", **factory) if self.learns_keys else None
+        self.v_proj = _Projection(d_model, weight_init="xavier", **factory) if self.learns_values else None
+        self.out_proj = _Projection(d_model, weight_init="linear", **factory)  # W^O
+        for proj in (self.q_proj, self.k_proj, self.v_proj):  # nn.Linear drew its default: redraw
             if proj is not None:
-                nn.init.xavier_uniform_(proj.weight)
-                if proj.bias is not None:
-                    nn.init.zeros_(proj.bias)
+                proj.reset_parameters()
         if self.out_proj.bias is not None:
             nn.init.zeros_(self.out_proj.bias)
+
+    def reset_parameters(self) -> None:
+        """Draw the layer's initialisation again (after ``to_empty``, or to restart training)."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj is not None:
+                proj.reset_parameters()
 
     # ----------------------------------------------------------------------------- hooks
     def project_query(self, query: Tensor) -> Tensor:
@@ -282,6 +274,7 @@ class StandardAttention(nn.Module):
         value: Tensor | None = None,
         *,
         key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
         is_causal: bool = False,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -289,11 +282,23 @@ class StandardAttention(nn.Module):
 
         ``key`` and ``value`` default to ``query`` (self-attention). Returns the output
         ``(B, L_q, d_model)``, and with ``need_weights=True`` also the attention weights
-        ``(B, h, L_q, L_k)`` (after the softmax, before dropout).
+        ``(B, h, L_q, L_k)`` (after the softmax, before dropout). Masks: see the class docstring.
         """
+        self_attention = key is None or key is query  # then L_q == L_k, without reading a shape
         key = query if key is None else key
         value = key if value is None else value
-        self._check_inputs(query, key, value, key_padding_mask, is_causal)
+        checks = not torch.jit.is_tracing()  # the tracer would record the checks' Python branches
+        if checks:
+            self._check_tensor("query", query, unbatched=False)
+            for name, x in (("key", key), ("value", value)):
+                self._check_tensor(name, x, unbatched=query.dim() == 2)
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, d_model): a batch of one
+            query, key, value = query[None], key[None], value[None]
+            if isinstance(key_padding_mask, Tensor):
+                key_padding_mask = key_padding_mask[None]
+        if checks:
+            self._check_inputs(query, key, value, key_padding_mask, attn_mask, is_causal)
         len_q, len_k = query.shape[1], key.shape[1]
 
         q = split_heads(self.project_query(query), self.n_heads)  # (B, h, L_q, d_k)
@@ -304,7 +309,7 @@ class StandardAttention(nn.Module):
             # attention's W^A, which mixes value rows, mixes zeros into the real tokens. Each is
             # zeroed just before its own projection, which fixes the order in which autograd sums
             # the input's gradients (committed results depend on that order).
-            padded = ~key_padding_mask[..., None]  # (B, L_k, 1)
+            padded = _padding(key_padding_mask)[..., None]  # (B, L_k, 1)
             key = key.masked_fill(padded, 0.0)
         k = split_heads(self.project_key(key), self.n_heads)  # (B, h, L_k, d_k)
         if key_padding_mask is not None:
@@ -314,22 +319,37 @@ class StandardAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         weights = None
         if self.fused and not need_weights and self.softmax_over == "keys":
-            if key_padding_mask is None:  # a causal mask alone goes to the kernel as a flag
+            if (
+                key_padding_mask is None
+                and attn_mask is None
+                and (not is_causal or self_attention or len_q == len_k)
+            ):  # no mask, or a square causal one, which the kernel takes as a flag
                 heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
             else:
-                allowed = self._allowed(key_padding_mask, is_causal, len_q, len_k, query.device)
-                heads = self._fused_heads(q, k, v, allowed, dropout_p)
+                allowed, additive = _score_masks(key_padding_mask, attn_mask, is_causal, len_q, len_k, q.device)
+                heads = self._fused_heads(q, k, v, allowed, additive, dropout_p)
         else:
-            allowed = self._allowed(key_padding_mask, is_causal, len_q, len_k, query.device)
-            heads, weights = self._explicit_heads(q, k, v, allowed, dropout_p)
+            allowed, additive = _score_masks(key_padding_mask, attn_mask, is_causal, len_q, len_k, q.device)
+            heads, weights = self._explicit_heads(q, k, v, allowed, additive, dropout_p)
         out = self.out_proj(merge_heads(heads))  # (B, L_q, d_model)
+        if unbatched:
+            out = out[0]
+            weights = None if weights is None else weights[0]
         return (out, weights) if need_weights else out
 
     def _explicit_heads(
-        self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None, dropout_p: float
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        allowed: Tensor | None,
+        additive: Tensor | None,
+        dropout_p: float,
     ) -> tuple[Tensor, Tensor]:
         """Materialise the scores: readable, returns weights, supports every option."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)  # (B, h, L_q, L_k)
+        if additive is not None:
+            scores = scores + additive
         axis = -1 if self.softmax_over == "keys" else -2
         if allowed is None:
             weights = torch.softmax(scores, dim=axis)
@@ -342,27 +362,27 @@ class StandardAttention(nn.Module):
         dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
         return dropped @ v, weights  # (B, h, L_q, d_k), (B, h, L_q, L_k)
 
-    def _fused_heads(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
-        """The same heads through ``F.scaled_dot_product_attention`` with a bool mask."""
-        empty = ~allowed.any(dim=-1, keepdim=True)  # queries that may see no key
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p)
+    def _fused_heads(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        allowed: Tensor | None,
+        additive: Tensor | None,
+        dropout_p: float,
+    ) -> Tensor:
+        """The same heads through ``F.scaled_dot_product_attention`` (whose bool mask means "allowed")."""
+        if allowed is None:  # an additive mask alone
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive.to(q.dtype), dropout_p=dropout_p)
+        empty = ~allowed.any(dim=-1, keepdim=True)  # queries that may read no key
+        mask = allowed | empty
+        if additive is not None:
+            mask = torch.where(mask, additive.to(q.dtype), float("-inf"))
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         return heads.masked_fill(empty, 0.0)
 
-    @staticmethod
-    def _allowed(
-        key_padding_mask: Tensor | None, is_causal: bool, len_q: int, len_k: int, device: torch.device
-    ) -> Tensor | None:
-        """Bool ``(B or 1, 1, L_q, L_k)``: ``True`` where query ``t`` may read key ``j``."""
-        allowed = None
-        if key_padding_mask is not None:
-            allowed = key_padding_mask[:, None, None, :]  # (B, 1, 1, L_k)
-        if is_causal:
-            causal = torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril()
-            allowed = causal[None, None] if allowed is None else allowed & causal
-        return allowed
-
     # ----------------------------------------------------------------------------- checks
-    def _check_tensor(self, name: str, x: Tensor) -> None:
+    def _check_tensor(self, name: str, x: Tensor, unbatched: bool) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -373,11 +393,16 @@ class StandardAttention(nn.Module):
                 f"{name} has dtype {x.dtype} but the layer's parameters have dtype {dtype}: "
                 f"convert one to the other (e.g. {name}.to({dtype})) or run under torch.autocast"
             )
-        if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"{name} must have shape (batch, length, d_model={self.d_model}), "
-                f"got {tuple(x.shape)}"
+        if x.dim() not in ((2,) if unbatched else (2, 3) if name == "query" else (3,)) or (
+            x.shape[-1] != self.d_model
+        ):
+            expected = (
+                f"(length, d_model={self.d_model}), as query is unbatched"
+                if unbatched
+                else f"(batch, length, d_model={self.d_model})"
+                + (f" or unbatched (length, d_model={self.d_model})" if name == "query" else "")
             )
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
 
     def _check_inputs(
         self,
@@ -385,40 +410,58 @@ class StandardAttention(nn.Module):
         key: Tensor,
         value: Tensor,
         key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
         is_causal: bool,
     ) -> None:
-        for name, x in (("query", query), ("key", key), ("value", value)):
-            self._check_tensor(name, x)
-        if key.shape[0] != query.shape[0] or value.shape[0] != query.shape[0]:
-            raise ValueError(
+        batch, len_q, len_k = query.shape[0], query.shape[1], key.shape[1]
+        _require(
+            key.shape[0] == batch and value.shape[0] == batch,
+            lambda: ValueError(
                 "query, key and value must share the batch size, got "
                 f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}"
-            )
-        if value.shape[1] != key.shape[1]:
-            raise ValueError(
+            ),
+        )
+        _require(
+            value.shape[1] == len_k,
+            lambda: ValueError(
                 f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}"
-            )
+            ),
+        )
         if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
-                got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(
-                    key_padding_mask
-                ).__name__
-                raise TypeError(
-                    f"key_padding_mask must be a bool tensor (True = real token), got {got}"
-                )
-            expected = (key.shape[0], key.shape[1])
-            if tuple(key_padding_mask.shape) != expected:
-                raise ValueError(
-                    f"key_padding_mask must have shape (batch, L_k) = {expected}, "
+            _check_mask_dtype(
+                "key_padding_mask", key_padding_mask, "True = padding, as in torch.nn.MultiheadAttention"
+            )
+            _require(
+                key_padding_mask.dim() == 2
+                and key_padding_mask.shape[0] == batch
+                and key_padding_mask.shape[1] == len_k,
+                lambda: ValueError(
+                    f"key_padding_mask must have shape (batch, L_k) = {(int(batch), int(len_k))}, "
                     f"got {tuple(key_padding_mask.shape)}"
-                )
+                ),
+            )
+        if attn_mask is not None:
+            _check_mask_dtype("attn_mask", attn_mask, "True = forbidden pair, as in torch.nn.MultiheadAttention")
+            target = (batch, self.n_heads, len_q, len_k)
+            _require(
+                2 <= attn_mask.dim() <= 4
+                and all(m == 1 or m == t for m, t in zip(reversed(attn_mask.shape), reversed(target))),
+                lambda: ValueError(
+                    "attn_mask must be broadcastable to (batch, n_heads, L_q, L_k) = "
+                    f"{tuple(int(t) for t in target)} with 2 to 4 dimensions, got {tuple(attn_mask.shape)}"
+                ),
+            )
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         if is_causal and self.softmax_over == "queries":
             raise ValueError(_CAUSAL_NEEDS_KEYS)
-        if is_causal and query.shape[1] != key.shape[1]:
-            raise ValueError(
-                f"is_causal=True needs L_q == L_k, got L_q={query.shape[1]}, L_k={key.shape[1]}"
+        if is_causal:
+            _require(
+                len_q <= len_k,
+                lambda: ValueError(
+                    f"is_causal=True needs L_q <= L_k (the queries are the last L_q of the keys' "
+                    f"positions), got L_q={len_q}, L_k={len_k}"
+                ),
             )
 
     def extra_repr(self) -> str:
@@ -426,6 +469,59 @@ class StandardAttention(nn.Module):
             f"d_model={self.d_model}, n_heads={self.n_heads}, bias={self.bias}, "
             f"dropout={self.dropout}, softmax_over={self.softmax_over!r}, fused={self.fused}"
         )
+
+
+def _require(ok: bool | torch.SymBool, error: Callable[[], Exception]) -> None:
+    """Raise ``error()`` unless ``ok``; a symbolic condition (``torch.compile``, ``torch.export``
+    with dynamic shapes) becomes a run-time assertion instead of a guard that fixes the shape."""
+    if isinstance(ok, torch.SymBool):
+        torch._check(ok, lambda: str(error()))
+    elif not ok:
+        raise error()
+
+
+def _check_mask_dtype(name: str, mask: object, meaning: str) -> None:
+    if not isinstance(mask, Tensor) or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(f"{name} must be a bool tensor ({meaning}) or a float tensor added to the scores, got {got}")
+
+
+def _padding(key_padding_mask: Tensor) -> Tensor:
+    """Bool ``(B, L_k)``: ``True`` at padding (a bool mask itself; ``-inf`` entries of a float one)."""
+    if key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    return torch.isneginf(key_padding_mask)
+
+
+def _score_masks(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    len_q: int,
+    len_k: int,
+    device: torch.device,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Every mask as ``(allowed, additive)``, each broadcastable to ``(B, h, L_q, L_k)`` or ``None``.
+
+    ``allowed`` is bool, ``True`` where query ``t`` may read key ``j``: it collects bool masks and the
+    ``-inf`` entries of float ones. ``additive`` collects the finite entries of float masks.
+    """
+    masks = []  # (mask, where it goes in (B, h, L_q, L_k))
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask[:, None, None, :])  # (B, 1, 1, L_k)
+    if attn_mask is not None:
+        masks.append(attn_mask)
+    allowed = additive = None
+    for mask in masks:
+        blocked = mask if mask.dtype == torch.bool else torch.isneginf(mask)
+        allowed = ~blocked if allowed is None else allowed & ~blocked
+        if mask.dtype != torch.bool:
+            finite = mask.masked_fill(blocked, 0.0)
+            additive = finite if additive is None else additive + finite
+    if is_causal:  # query t sits at position t + L_k - L_q of the keys' sequence
+        causal = torch.ones(len_q, len_k, dtype=torch.bool, device=device).tril(len_k - len_q)
+        allowed = causal if allowed is None else allowed & causal
+    return allowed, additive
 
 
 class OptimisedAttention(StandardAttention):
@@ -466,9 +562,14 @@ class SuperAttention(EfficientAttention):
     ``W^A`` is a learned ``l x l`` matrix (``l = context_length``) that acts from the left. For
     inputs of length ``L_k < l`` the layer uses ``W^A[:L_k, :L_k]``, which equals right-padding to
     ``l`` and masking the padding; ``L_k > l`` is an error. Padded value rows (``key_padding_mask``
-    false) are zero when ``W^A`` mixes them (the shared forward zeroes them first), so they never
-    leak into real tokens. With ``is_causal=True`` ``W^A`` acts lower-triangular, so no token reads a later
-    one.
+    true) are zero when ``W^A`` mixes them (the shared forward zeroes them first), so they never
+    leak into real tokens.
+
+    ``W^A`` mixes value rows before any score is computed, so only ``is_causal`` reaches it:
+    with ``is_causal=True`` it acts lower-triangular and no token reads a later one (with
+    ``L_q < L_k`` the outputs are the last ``L_q`` rows of the square causal computation over the
+    keys). An ``attn_mask`` restricts the scores alone; ``W^A`` still mixes every unpadded row, so a
+    causal ``attn_mask`` without ``is_causal=True`` does **not** make super attention causal.
 
     Args:
         context_length: ``l``, the fixed maximum length. Required.
@@ -518,22 +619,33 @@ class SuperAttention(EfficientAttention):
         copies = (n_heads,) if wa_sharing == "head" else ()
         factory = {"device": device, "dtype": dtype}
         self.wa_weight = nn.Parameter(torch.empty(*copies, context_length, context_length, **factory))
-        self.wa_bias = (
-            nn.Parameter(torch.zeros(*copies, context_length, **factory)) if wa_bias else None
-        )
-        for wa in self.wa_weight.data.view(-1, context_length, context_length):
-            nn.init.xavier_uniform_(wa)  # as the reference reimplementation
+        self.wa_bias = nn.Parameter(torch.empty(*copies, context_length, **factory)) if wa_bias else None
+        self._reset_token_mixing()
+
+    def _reset_token_mixing(self) -> None:
+        """Xavier-uniform ``W^A`` (each head's own with ``wa_sharing="head"``), as the reference; zero bias."""
+        for wa in self.wa_weight.data.view(-1, self.context_length, self.context_length):
+            nn.init.xavier_uniform_(wa)
+        if self.wa_bias is not None:
+            nn.init.zeros_(self.wa_bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_token_mixing()
 
     def effective_wa(self, length: int, is_causal: bool = False) -> Tensor:
         """``W^A[:L, :L]``, lower-triangular when causal: ``(L, L)`` or ``(h, L, L)``."""
-        wa = self.wa_weight[..., :length, :length]
+        # A copy rather than the view wa_weight[..., :L, :L]: the view's layout depends on whether
+        # L == l, which would fix L to one value under torch.export and torch.compile.
+        rows = torch.arange(length, device=self.wa_weight.device)
+        wa = self.wa_weight.index_select(-2, rows).index_select(-1, rows)
         return wa.tril() if is_causal else wa
 
     def project_value(self, value: Tensor, is_causal: bool) -> Tensor:
         length = value.shape[1]
         wa = self.effective_wa(length, is_causal)
         if self.wa_sharing == "layer":
-            mixed = mix_tokens(wa, value)  # (L, L) @ (B, L, d_model): W^A X, all heads at once
+            mixed = wa @ value  # (L, L) @ (B, L, d_model): W^A X, all heads at once
             if self.wa_bias is not None:
                 mixed = mixed + self.wa_bias[:length, None]
             return mixed
@@ -548,14 +660,17 @@ class SuperAttention(EfficientAttention):
         key: Tensor,
         value: Tensor,
         key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
         is_causal: bool,
     ) -> None:
-        super()._check_inputs(query, key, value, key_padding_mask, is_causal)
-        if key.shape[1] > self.context_length:
-            raise ValueError(
+        super()._check_inputs(query, key, value, key_padding_mask, attn_mask, is_causal)
+        _require(
+            key.shape[1] <= self.context_length,
+            lambda: ValueError(
                 f"super attention takes at most context_length={self.context_length} keys, "
                 f"got L_k={key.shape[1]}"
-            )
+            ),
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -614,36 +729,6 @@ def make_attention(variant: str, d_model: int, n_heads: int, **options: object) 
             raise ValueError(f"{super_only} only apply to variant 'super', got variant {variant!r}")
         options.pop("context_length", None)
     return cls(d_model, n_heads, **options)  # type: ignore[arg-type]
-
-
-def standard_from_torch(mha: nn.MultiheadAttention) -> StandardAttention:
-    """A :class:`StandardAttention` holding the weights of a ``torch.nn.MultiheadAttention``.
-
-    ``mha`` must be batch-first-agnostic self-attention with equal ``kdim``/``vdim`` (the default).
-    """
-    if not isinstance(mha, nn.MultiheadAttention):
-        raise TypeError(f"mha must be a torch.nn.MultiheadAttention, got {type(mha).__name__}")
-    if mha.in_proj_weight is None:
-        raise ValueError("mha must use one packed in_proj_weight (kdim == vdim == embed_dim)")
-    weight = mha.in_proj_weight
-    layer = StandardAttention(
-        mha.embed_dim,
-        mha.num_heads,
-        bias=mha.in_proj_bias is not None,
-        dropout=mha.dropout,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        for i, proj in enumerate((layer.q_proj, layer.k_proj, layer.v_proj)):
-            assert proj is not None
-            proj.weight.copy_(weight[i * mha.embed_dim : (i + 1) * mha.embed_dim])
-            if proj.bias is not None:
-                proj.bias.copy_(mha.in_proj_bias[i * mha.embed_dim : (i + 1) * mha.embed_dim])
-        layer.out_proj.weight.copy_(mha.out_proj.weight)
-        if layer.out_proj.bias is not None:
-            layer.out_proj.bias.copy_(mha.out_proj.bias)
-    return layer
 
 
 def merge_projections(layer: StandardAttention, variant: str) -> StandardAttention:

@@ -20,6 +20,10 @@ queries that may see it), and a head's output row sums only over those keys, so 
 padded token is ever read. A query that may see no key gets a zero row, and so the output ``b^O``.
 Super attention's ``W^A`` mixes the real tokens' rows only (``W^A[:, real] X_i[real]``: the paper's
 zero rows for padding), lower-triangular when causal.
+
+Mask meanings are torch's (``nn.MultiheadAttention``): ``key_padding_mask`` ``(B, L_k)`` is ``True``
+at padding; ``attn_mask`` ``(L_q, L_k)`` is bool, ``True`` at a forbidden pair, or float, added to
+the scores (``-inf``: forbidden). Causal queries are the last ``L_q`` positions of the keys.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ def reference_attention(
     value: Tensor | None = None,
     *,
     key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
     is_causal: bool = False,
 ) -> Tensor:
     """What ``layer`` (a ``variant`` layer in eval mode) should return, computed head by head."""
@@ -85,10 +90,17 @@ def reference_attention(
     outputs = []
     for b in range(batch):
         x_q, x_k, x_v = query[b], key[b], value[b]
-        real = torch.ones(len_k, dtype=torch.bool) if key_padding_mask is None else key_padding_mask[b]
+        real = torch.ones(len_k, dtype=torch.bool) if key_padding_mask is None else ~key_padding_mask[b]
         allowed = real[None, :].expand(len_q, len_k).clone()
-        if is_causal:
-            allowed &= torch.ones(len_q, len_k, dtype=torch.bool).tril()
+        added = torch.zeros(len_q, len_k, dtype=query.dtype)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            allowed &= ~attn_mask
+        elif attn_mask is not None:
+            allowed &= attn_mask != float("-inf")
+            added = torch.where(allowed, attn_mask, 0.0).to(query.dtype)
+        if is_causal:  # query t is position t + L_k - L_q
+            for t in range(len_q):
+                allowed[t, t + len_k - len_q + 1 :] = False
         out = weights["out_proj.bias"].clone() if "out_proj.bias" in weights else torch.zeros(d_model, dtype=query.dtype)
         out = out.expand(len_q, d_model).clone()
         for i in range(n_heads):
@@ -99,13 +111,13 @@ def reference_attention(
             if learns["mixing"]:
                 per_head = layer.wa_sharing == "head"
                 wa = (weights["wa_weight"][i] if per_head else weights["wa_weight"])[:len_k, :len_k]
-                if is_causal:
-                    wa = wa.tril()
+                if is_causal:  # value row j mixes rows <= j
+                    wa = torch.stack([torch.where(torch.arange(len_k) <= j, wa[j], 0.0) for j in range(len_k)])
                 real_rows = real.nonzero().flatten()
                 v = wa[:, real_rows] @ v[real_rows]  # W^A X_i over the real tokens
                 if "wa_bias" in weights:
                     v = v + (weights["wa_bias"][i] if per_head else weights["wa_bias"])[:len_k, None]
-            probs = _weights(q @ k.T / math.sqrt(d_k), allowed, over_queries)  # S_i
+            probs = _weights(q @ k.T / math.sqrt(d_k) + added, allowed, over_queries)  # S_i
             head = torch.zeros(len_q, d_k, dtype=query.dtype)
             for t in range(len_q):
                 seen = allowed[t].nonzero().flatten()

@@ -9,14 +9,7 @@ import torch
 from torch import nn
 
 import pba
-from pba.attention import (
-    PROJECTION_ATTRIBUTES,
-    _MixTokens,
-    learned_projections,
-    merge_projections,
-    mix_tokens,
-    standard_from_torch,
-)
+from pba.attention import PROJECTION_ATTRIBUTES, learned_projections, merge_projections
 
 from .reference_attention import reference_attention
 
@@ -35,7 +28,8 @@ def build(variant: str, **options: object) -> pba.StandardAttention:
 
 
 def right_padding_mask(lengths: list[int], total: int) -> torch.Tensor:
-    return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
+    """``(B, total)``, ``True`` at padding (torch's convention): item ``b`` has ``lengths[b]`` real tokens."""
+    return torch.arange(total)[None, :] >= torch.tensor(lengths)[:, None]
 
 
 OPTION_GRID = [
@@ -135,23 +129,23 @@ def test_standard_equals_torch_multihead_attention(masks: str, bias: bool) -> No
         nn.init.normal_(mha.in_proj_bias, std=0.1)
         nn.init.normal_(mha.out_proj.bias, std=0.1)
     mha.eval()
-    ours = standard_from_torch(mha).eval()
+    ours = pba.from_torch(mha).eval()
     x = torch.randn(3, L, D)
-    real = right_padding_mask([L, 5, 1], L) if masks in ("padding", "both") else None
+    pad = right_padding_mask([L, 5, 1], L) if masks in ("padding", "both") else None
     causal = masks in ("causal", "both")
     attn_mask = torch.ones(L, L, dtype=torch.bool).triu(1) if causal else None
     expected, expected_w = mha(
         x, x, x,
-        key_padding_mask=None if real is None else ~real,  # torch: True = ignore
+        key_padding_mask=pad,
         attn_mask=attn_mask,
         need_weights=True,
         average_attn_weights=False,
     )
     for fused in (True, False):
         ours.fused = fused
-        got = ours(x, key_padding_mask=real, is_causal=causal)
+        got = ours(x, key_padding_mask=pad, is_causal=causal)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-    _, w = ours(x, key_padding_mask=real, is_causal=causal, need_weights=True)
+    _, w = ours(x, key_padding_mask=pad, is_causal=causal, need_weights=True)
     torch.testing.assert_close(w, expected_w, atol=1e-6, rtol=1e-5)
 
 
@@ -173,9 +167,9 @@ def test_reference_equals_torch_multihead_attention(bias: bool) -> None:
         nn.init.normal_(mha.out_proj.bias, std=0.5)
     mha.eval()
     x = torch.randn(3, L, D, dtype=torch.float64)
-    real = right_padding_mask([L, 5, 1], L)
-    expected = mha(x, x, x, key_padding_mask=~real, attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1))[0]
-    got = reference_attention(standard_from_torch(mha).eval(), "standard", x, key_padding_mask=real, is_causal=True)
+    pad = right_padding_mask([L, 5, 1], L)
+    expected = mha(x, x, x, key_padding_mask=pad, attn_mask=torch.ones(L, L, dtype=torch.bool).triu(1))[0]
+    got = reference_attention(pba.from_torch(mha).eval(), "standard", x, key_padding_mask=pad, is_causal=True)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
@@ -195,9 +189,9 @@ def test_layers_equal_the_per_head_reference(variant: str, options: dict, masks:
     causal = masks in ("causal", "both")
     layer = build64(variant, fused=fused, **options)
     x = torch.randn(4, L, D, dtype=torch.float64)
-    real = right_padding_mask([L, 6, 3, 0], L) if masks in ("padding", "both") else None
-    got = layer(x, key_padding_mask=real, is_causal=causal)
-    expected = reference_attention(layer, variant, x, key_padding_mask=real, is_causal=causal)
+    pad = right_padding_mask([L, 6, 3, 0], L) if masks in ("padding", "both") else None
+    got = layer(x, key_padding_mask=pad, is_causal=causal)
+    expected = reference_attention(layer, variant, x, key_padding_mask=pad, is_causal=causal)
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
@@ -205,9 +199,9 @@ def test_layers_equal_the_per_head_reference(variant: str, options: dict, masks:
 def test_cross_attention_equals_the_per_head_reference(variant: str, options: dict) -> None:
     layer = build64(variant, **options)
     q, kv = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, L - 2, D, dtype=torch.float64)
-    real = right_padding_mask([L - 2, 4], L - 2)
-    got = layer(q, kv, key_padding_mask=real)
-    torch.testing.assert_close(got, reference_attention(layer, variant, q, kv, key_padding_mask=real), atol=1e-12, rtol=1e-10)
+    pad = right_padding_mask([L - 2, 4], L - 2)
+    got = layer(q, kv, key_padding_mask=pad)
+    torch.testing.assert_close(got, reference_attention(layer, variant, q, kv, key_padding_mask=pad), atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize(("variant", "options"), KEY_SOFTMAX_CASES)
@@ -216,14 +210,15 @@ def test_nan_in_padded_tokens_never_reaches_real_tokens(variant: str, options: d
     """NaN and inf in padded tokens: both paths give the reference's finite outputs at real tokens."""
     layer = build64(variant, **options)
     x = torch.randn(3, L, D, dtype=torch.float64)
-    real = right_padding_mask([L, 5, 2], L)
+    pad = right_padding_mask([L, 5, 2], L)
     poisoned = x.clone()
     poisoned[1, 5:] = float("nan")
     poisoned[2, 2:] = float("inf")
-    expected = reference_attention(layer, variant, x, key_padding_mask=real, is_causal=causal)
+    expected = reference_attention(layer, variant, x, key_padding_mask=pad, is_causal=causal)
     for fused in (True, False):
         layer.fused = fused
-        got = layer(poisoned, key_padding_mask=real, is_causal=causal)
+        got = layer(poisoned, key_padding_mask=pad, is_causal=causal)
+        real = ~pad
         assert got[real].isfinite().all(), f"fused={fused}"
         torch.testing.assert_close(got[real], expected[real], atol=1e-12, rtol=1e-10)
 
@@ -233,12 +228,12 @@ def test_nan_in_padded_tokens_never_reaches_real_tokens(variant: str, options: d
 def test_explicit_equals_fused(variant: str, options: dict, masks: str) -> None:
     layer = build(variant, **options).eval()
     x = torch.randn(4, L, D)
-    real = right_padding_mask([L, 6, 3, 0], L) if masks in ("padding", "both") else None
+    pad = right_padding_mask([L, 6, 3, 0], L) if masks in ("padding", "both") else None
     causal = masks in ("causal", "both")
     layer.fused = True
-    fused = layer(x, key_padding_mask=real, is_causal=causal)
+    fused = layer(x, key_padding_mask=pad, is_causal=causal)
     layer.fused = False
-    explicit = layer(x, key_padding_mask=real, is_causal=causal)
+    explicit = layer(x, key_padding_mask=pad, is_causal=causal)
     torch.testing.assert_close(fused, explicit, atol=1e-6, rtol=1e-5)
 
 
@@ -274,12 +269,12 @@ def as_function_of_inputs(variant: str, options: dict, fused: bool) -> tuple:
     masking where the softmax allows it), and a point to check derivatives at."""
     layer = pba.make_attention(variant, 4, 2, context_length=3, dtype=torch.float64, fused=fused, **options)
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
-    real = right_padding_mask([3, 2], 3)
+    pad = right_padding_mask([3, 2], 3)
     causal = options.get("softmax_over") != "queries"
 
     def f(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         named = dict(zip([n for n, _ in layer.named_parameters()], params))
-        return torch.func.functional_call(layer, named, (x,), {"key_padding_mask": real, "is_causal": causal})
+        return torch.func.functional_call(layer, named, (x,), {"key_padding_mask": pad, "is_causal": causal})
 
     params = [p.detach().clone().requires_grad_() for p in layer.parameters()]
     return f, (x, *params)
@@ -311,35 +306,6 @@ def test_fused_path_on_cpu_has_no_second_derivative(variant: str) -> None:
     (grad,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     grad.square().sum().backward()
     assert x.grad is not None and x.grad.isfinite().all() and x.grad.abs().sum() > 0
-
-
-@pytest.mark.parametrize(("batch", "length", "width"), [(64, 32, 32), (3, 5, 7), (1, 1, 1), (2, 40, 3)])
-def test_mix_tokens_equals_matmul(batch: int, length: int, width: int) -> None:
-    """Super attention's ``W^A X`` through one batched product: the values and gradients of ``wa @ x``."""
-    weight = torch.randn(length + 2, length + 2)  # used as a slice, lower-triangular: as the layer does
-    x, upstream = torch.randn(batch, length, width), torch.randn(batch, length, width)
-    results = []
-    for product in (lambda wa, x: wa @ x, mix_tokens):
-        w, xx = weight.clone().requires_grad_(), x.clone().requires_grad_()
-        out = product(w[:length, :length].tril(), xx)
-        out.backward(upstream)
-        results.append((out, w.grad, xx.grad))
-    for expected, got in zip(*results):
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
-    assert results[1][1][length:].abs().sum() == 0  # rows of W^A beyond the slice get no gradient
-
-
-def test_mix_tokens_second_derivatives_and_vmap() -> None:
-    wa = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(mix_tokens, (wa, x))
-    stacked_wa, stacked_x = torch.randn(3, 5, 5), torch.randn(3, 2, 5, 4)  # replicas, as in pba.train.ReplicaEngine
-    batched = torch.func.vmap(mix_tokens)(stacked_wa, stacked_x)
-    torch.testing.assert_close(batched, torch.stack([w @ x for w, x in zip(stacked_wa, stacked_x)]))
-    # Under vmap it is torch's matmul, so stacked training keeps its numbers exactly.
-    assert torch.equal(batched, torch.func.vmap(torch.matmul)(stacked_wa, stacked_x))
-    generated = torch.func.vmap(lambda w, x: _MixTokens.apply(w, x))(stacked_wa, stacked_x)  # the fallback rule
-    torch.testing.assert_close(generated, batched)
 
 
 # ------------------------------------------------------------------------------- masks
@@ -382,10 +348,11 @@ def test_upper_triangular_wa_leaks() -> None:
 def test_padding_invariance(variant: str, options: dict) -> None:
     layer = build(variant, **options).eval()
     x = torch.randn(3, L, D)
-    real = right_padding_mask([L, 5, 2], L)
-    base = layer(x, key_padding_mask=real)
+    pad = right_padding_mask([L, 5, 2], L)
+    base = layer(x, key_padding_mask=pad)
+    real = ~pad
     noisy = torch.where(real[..., None], x, torch.randn_like(x) * 100)
-    out = layer(noisy, key_padding_mask=real)
+    out = layer(noisy, key_padding_mask=pad)
     torch.testing.assert_close(out[real], base[real], atol=1e-5, rtol=1e-5)
 
 
@@ -394,9 +361,9 @@ def test_super_short_input_equals_padded_masked(options: dict) -> None:
     layer = build("super", **options).eval()
     short = torch.randn(2, 5, D)
     padded = torch.cat([short, torch.randn(2, L - 5, D)], dim=1)
-    real = right_padding_mask([5, 5], L)
+    pad = right_padding_mask([5, 5], L)
     for causal in (False, True):
-        expected = layer(padded, key_padding_mask=real, is_causal=causal)[:, :5]
+        expected = layer(padded, key_padding_mask=pad, is_causal=causal)[:, :5]
         torch.testing.assert_close(layer(short, is_causal=causal), expected, atol=1e-6, rtol=1e-5)
 
 
@@ -405,8 +372,8 @@ def test_super_short_input_equals_padded_masked(options: dict) -> None:
 def test_fully_masked_rows_give_output_bias_not_nan(variant: str, softmax_over: str) -> None:
     layer = build(variant, softmax_over=softmax_over).eval()
     x = torch.randn(2, L, D, requires_grad=True)
-    real = right_padding_mask([0, 4], L)
-    out, w = layer(x, key_padding_mask=real, need_weights=True)
+    pad = right_padding_mask([0, 4], L)
+    out, w = layer(x, key_padding_mask=pad, need_weights=True)
     assert not out.isnan().any()
     torch.testing.assert_close(out[0], layer.out_proj.bias.expand(L, D))
     assert (w[0] == 0).all()
@@ -414,7 +381,7 @@ def test_fully_masked_rows_give_output_bias_not_nan(variant: str, softmax_over: 
     assert not x.grad.isnan().any()
     if softmax_over == "keys":
         layer.fused = True
-        torch.testing.assert_close(layer(x, key_padding_mask=real), out)
+        torch.testing.assert_close(layer(x, key_padding_mask=pad), out)
 
 
 # ------------------------------------------------------------------------------- the paper's algebra
@@ -427,8 +394,8 @@ def test_one_head_merge_is_exact(variant: str, bias: bool) -> None:
     merged = merge_projections(std, variant)
     assert type(merged).__name__.lower().startswith(variant)
     x = torch.randn(3, L, D)
-    real = right_padding_mask([L, 6, 3], L)
-    for kwargs in ({}, {"key_padding_mask": real}, {"is_causal": True}):
+    pad = right_padding_mask([L, 6, 3], L)
+    for kwargs in ({}, {"key_padding_mask": pad}, {"is_causal": True}):
         torch.testing.assert_close(merged(x, **kwargs), std(x, **kwargs), atol=1e-5, rtol=1e-4)
 
 
@@ -503,8 +470,10 @@ def test_bad_super_construction() -> None:
 def test_bad_forward_inputs(variant: str) -> None:
     layer = build(variant)
     x = torch.randn(2, L, D)
-    with pytest.raises(ValueError, match=r"query must have shape \(batch, length, d_model=16\), got \(2, 8\)"):
+    with pytest.raises(ValueError, match=r"query must have shape \(batch, length, d_model=16\) or unbatched \(length, d_model=16\), got \(2, 8\)"):
         layer(torch.randn(2, L))
+    with pytest.raises(ValueError, match=r"key must have shape \(length, d_model=16\), as query is unbatched, got \(2, 8, 16\)"):
+        layer(x[0], x)
     with pytest.raises(ValueError, match=r"key must have shape \(batch, length, d_model=16\), got \(2, 8, 12\)"):
         layer(x, torch.randn(2, L, 12))
     with pytest.raises(TypeError, match=r"query must be a floating-point tensor, got dtype torch.int64"):
@@ -515,11 +484,11 @@ def test_bad_forward_inputs(variant: str) -> None:
         layer(x, torch.randn(3, L, D))
     with pytest.raises(ValueError, match=r"key and value must have the same length, got 8 and 7"):
         layer(x, x, torch.randn(2, L - 1, D))
-    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor \(True = real token\), got torch.int64"):
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor \(True = padding, as in torch.nn.MultiheadAttention\) or a float tensor added to the scores, got torch.int64"):
         layer(x, key_padding_mask=torch.ones(2, L, dtype=torch.long))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, L_k\) = \(2, 8\), got \(2, 7\)"):
         layer(x, key_padding_mask=torch.ones(2, L - 1, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"is_causal=True needs L_q == L_k, got L_q=8, L_k=5"):
+    with pytest.raises(ValueError, match=r"is_causal=True needs L_q <= L_k \(the queries are the last L_q of the keys' positions\), got L_q=8, L_k=5"):
         layer(x, x[:, :5], is_causal=True)
 
 

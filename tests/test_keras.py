@@ -67,11 +67,11 @@ PARITY = [
 def test_outputs_and_gradients_match_torch(variant: str, options: dict, masks: str) -> None:
     causal = masks in ("causal", "both")
     torch_layer, keras_layer = pair(variant, **options)
-    real = right_padding_mask([L, 5, 2], L) if masks in ("padding", "both") else None
+    pad = right_padding_mask([L, 5, 2], L) if masks in ("padding", "both") else None
     x_torch = torch.randn(3, L, D, requires_grad=True)
     x_keras = x_torch.detach().clone().requires_grad_()
-    expected = torch_layer(x_torch, key_padding_mask=real, is_causal=causal)
-    got = keras_layer(x_keras, key_padding_mask=real, is_causal=causal)
+    expected = torch_layer(x_torch, key_padding_mask=pad, is_causal=causal)
+    got = keras_layer(x_keras, key_padding_mask=pad, is_causal=causal)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
     probe = torch.randn_like(expected)
@@ -88,12 +88,13 @@ def test_outputs_and_gradients_match_torch(variant: str, options: dict, masks: s
 def test_nan_in_padded_tokens_stays_there(variant: str) -> None:
     """As in PyTorch, padded key and value rows are zeroed: NaN there never reaches a real token."""
     torch_layer, keras_layer = pair(variant)
-    real = right_padding_mask([L, 5], L)
+    pad = right_padding_mask([L, 5], L)
+    real = ~pad
     x = torch.randn(2, L, D)
     poisoned = torch.where(real[..., None], x, torch.full_like(x, float("nan")))
-    got = keras_layer(poisoned, key_padding_mask=real)
+    got = keras_layer(poisoned, key_padding_mask=pad)
     assert got[real].isfinite().all()
-    torch.testing.assert_close(got[real], torch_layer(x, key_padding_mask=real)[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[real], torch_layer(x, key_padding_mask=pad)[real], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
@@ -133,7 +134,7 @@ def test_errors_match_torch() -> None:
         layer(torch.randn(2, L))
     with pytest.raises(TypeError, match="query must be a floating-point tensor"):
         layer(torch.ones(2, L, D, dtype=torch.long))
-    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor \(True = real token\)"):
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor \(True = padding, as in torch.nn.MultiheadAttention\)"):
         layer(x, key_padding_mask=torch.ones(2, L, dtype=torch.long))
     with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(batch, L_k\) = \(2, 8\), got \(2, 7\)"):
         layer(x, key_padding_mask=torch.ones(2, L - 1, dtype=torch.bool))

@@ -39,8 +39,9 @@ class StandardAttention(keras.layers.Layer):
     """Multi-head scaled dot-product attention; see :class:`pba.attention.StandardAttention`.
 
     Call as ``layer(query, key=None, value=None, key_padding_mask=None, is_causal=False,
-    need_weights=False, training=None)``. ``key_padding_mask`` is bool ``(B, L_k)``, ``True`` for a
-    real token. Returns the output ``(B, L_q, d_model)``, and the weights ``(B, h, L_q, L_k)`` when
+    need_weights=False, training=None)``. ``key_padding_mask`` is bool ``(B, L_k)``, ``True`` at
+    **padding** (the meaning of ``torch.nn.MultiheadAttention`` and :mod:`pba.attention`);
+    ``is_causal`` aligns the queries with the last ``L_q`` keys. Returns the output ``(B, L_q, d_model)``, and the weights ``(B, h, L_q, L_k)`` when
     ``need_weights`` is true.
     """
 
@@ -118,11 +119,11 @@ class StandardAttention(keras.layers.Layer):
         self._check_inputs(query, key, value, key_padding_mask, is_causal)
         q = self.split_heads(self.q_proj(query))  # (B, h, L_q, d_k)
         if key_padding_mask is not None:  # padded rows carry nothing, not even NaN (as in PyTorch)
-            real = ops.cast(key_padding_mask, "bool")[..., None]
-            key = ops.where(real, key, ops.zeros_like(key))
+            padded = ops.cast(key_padding_mask, "bool")[..., None]  # (B, L_k, 1)
+            key = ops.where(padded, ops.zeros_like(key), key)
         k = self.split_heads(self.project_key(key))  # (B, h, L_k, d_k)
         if key_padding_mask is not None:
-            value = ops.where(real, value, ops.zeros_like(value))
+            value = ops.where(padded, ops.zeros_like(value), value)
         v = self.split_heads(self.project_value(value, is_causal))
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.d_k)
         axis = -1 if self.softmax_over == "keys" else -2
@@ -145,9 +146,9 @@ class StandardAttention(keras.layers.Layer):
     def _allowed(key_padding_mask, is_causal: bool, len_q: int, len_k: int):
         allowed = None
         if key_padding_mask is not None:
-            allowed = ops.cast(key_padding_mask, "bool")[:, None, None, :]
-        if is_causal:
-            causal = ops.tril(ops.ones((len_q, len_k), dtype="bool"))[None, None]
+            allowed = ops.logical_not(ops.cast(key_padding_mask, "bool"))[:, None, None, :]
+        if is_causal:  # query t sits at position t + L_k - L_q of the keys' sequence
+            causal = ops.tril(ops.ones((len_q, len_k), dtype="bool"), len_k - len_q)[None, None]
             allowed = causal if allowed is None else ops.logical_and(allowed, causal)
         return allowed
 
@@ -167,7 +168,7 @@ class StandardAttention(keras.layers.Layer):
         if key_padding_mask is not None:
             if keras.backend.standardize_dtype(key_padding_mask.dtype) != "bool":
                 raise TypeError(
-                    "key_padding_mask must be a bool tensor (True = real token), "
+                    "key_padding_mask must be a bool tensor (True = padding, as in torch.nn.MultiheadAttention), "
                     f"got {key_padding_mask.dtype}"
                 )
             expected = (ops.shape(key)[0], ops.shape(key)[1])
@@ -178,9 +179,10 @@ class StandardAttention(keras.layers.Layer):
                 )
         if is_causal and self.softmax_over == "queries":
             raise ValueError(_CAUSAL_NEEDS_KEYS)
-        if is_causal and ops.shape(query)[1] != ops.shape(key)[1]:
+        if is_causal and ops.shape(query)[1] > ops.shape(key)[1]:
             raise ValueError(
-                f"is_causal=True needs L_q == L_k, got L_q={ops.shape(query)[1]}, L_k={ops.shape(key)[1]}"
+                "is_causal=True needs L_q <= L_k (the queries are the last L_q of the keys' positions), "
+                f"got L_q={ops.shape(query)[1]}, L_k={ops.shape(key)[1]}"
             )
 
     def get_config(self) -> dict:

@@ -120,12 +120,13 @@ def build_imdb_classifier(
     """
     ids = keras.Input(shape=(context_length,), dtype="int32", name="ids")
     real = ops.not_equal(ids, pad_id)
+    padding = ops.equal(ids, pad_id)
     x = TokenAndPositionEmbedding(vocab_size, context_length, d_model, name="embedding")(ids)
     for index in range(n_blocks):
         block = EncoderBlock(
             variant, d_model, n_heads, d_ff, context_length, dropout, attention_options, name=f"block{index}"
         )
-        x = block(x, key_padding_mask=real if padding_mask else None)
+        x = block(x, key_padding_mask=padding if padding_mask else None)
     x = MaskedMeanPooling(name="pool")(x, real=real if masked_pooling else None)
     x = keras.layers.Dropout(dropout)(x)
     x = keras.layers.Dense(6, activation="relu")(x)

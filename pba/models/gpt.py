@@ -18,7 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..attention import VARIANTS, SuperAttention, _is_vmapped, make_attention
+from ..attention import VARIANTS, SuperAttention, make_attention
+
+#: Whether a tensor is a ``torch.func.vmap`` wrapper (functorch's own test; absent: never). The id
+#: range check reads values, which a vmapped tensor cannot give.
+_is_vmapped = getattr(torch._C._functorch, "is_batchedtensor", lambda tensor: False)
 
 __all__ = ["GPTConfig", "GPTBlock", "GPT", "generate", "init_causal_wa"]
 

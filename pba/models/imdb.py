@@ -41,7 +41,7 @@ class EncoderBlock(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``(B, L, d_model) -> (B, L, d_model)``; ``key_padding_mask`` marks real tokens."""
+        """``(B, L, d_model) -> (B, L, d_model)``; ``key_padding_mask`` is ``True`` at padding."""
         z = self.norm1(x + self.dropout1(self.attention(x, key_padding_mask=key_padding_mask)))
         return self.norm2(z + self.dropout2(self.ffn(z)))
 
@@ -55,7 +55,7 @@ class IMDBClassifier(nn.Module):
         context_length: ``l``, the fixed input length (32); also super attention's ``W^A`` size.
         d_model, n_heads, d_ff, n_blocks, dropout: the architecture (32, 4, 32, 1, 0.1).
         pad_id: the token id of padding.
-        padding_mask: pass ``ids != pad_id`` to attention as the key padding mask (default). The
+        padding_mask: pass ``ids == pad_id`` to attention as the key padding mask (default). The
             reference reimplementation used none (``False``), so its padded tokens were attended to.
         masked_pooling: average only over real tokens (default). ``False`` averages over all ``l``
             positions, padding included, as the reference did.
@@ -124,7 +124,7 @@ class IMDBClassifier(nn.Module):
         real = ids != self.pad_id  # (B, L)
         positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(positions)  # (B, L, d_model)
-        mask = real if self.padding_mask else None
+        mask = ~real if self.padding_mask else None  # True at padding
         for block in self.blocks:
             x = block(x, key_padding_mask=mask)
         if self.masked_pooling:
