@@ -167,8 +167,10 @@ class StandardAttention(nn.Module):
     Masks (the argument names and meanings of ``torch.nn.MultiheadAttention``):
         ``key_padding_mask`` ``(B, L_k)``: bool, ``True`` marks **padding** (a key no query may
         read), or float, added to every query's score for that key (``-inf`` = padding).
-        ``attn_mask``, broadcastable to ``(B, h, L_q, L_k)``: bool, ``True`` marks a **forbidden**
-        query-key pair, or float, added to the scores. (``F.scaled_dot_product_attention`` reads a
+        ``attn_mask``, ``(L_q, L_k)`` or broadcastable to ``(B, h, L_q, L_k)`` with four dimensions
+        (torch's 3-D ``(B * h, L_q, L_k)`` is refused as ambiguous;
+        :class:`pba.interop.MultiheadAttentionAdapter` takes it): bool, ``True`` marks a
+        **forbidden** query-key pair, or float, added to the scores. (``F.scaled_dot_product_attention`` reads a
         bool ``attn_mask`` the other way round; these layers follow ``nn.MultiheadAttention``, whose
         place they take, and both of whose bool masks mean "ignore".)
         ``is_causal=True`` lets query ``t`` read keys ``j <= t + L_k - L_q``: the queries are the
@@ -322,7 +324,7 @@ class StandardAttention(nn.Module):
             if (
                 key_padding_mask is None
                 and attn_mask is None
-                and (not is_causal or self_attention or len_q == len_k)
+                and (not is_causal or self_attention or _known_equal(len_q, len_k))
             ):  # no mask, or a square causal one, which the kernel takes as a flag
                 heads = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal)
             else:
@@ -349,7 +351,7 @@ class StandardAttention(nn.Module):
         """Materialise the scores: readable, returns weights, supports every option."""
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_k)  # (B, h, L_q, L_k)
         if additive is not None:
-            scores = scores + additive
+            scores = scores + additive.to(scores.dtype)
         axis = -1 if self.softmax_over == "keys" else -2
         if allowed is None:
             weights = torch.softmax(scores, dim=axis)
@@ -372,8 +374,7 @@ class StandardAttention(nn.Module):
         dropout_p: float,
     ) -> Tensor:
         """The same heads through ``F.scaled_dot_product_attention`` (whose bool mask means "allowed")."""
-        if allowed is None:  # an additive mask alone
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=additive.to(q.dtype), dropout_p=dropout_p)
+        assert allowed is not None  # every mask, and a causal one that is not square, sets it
         empty = ~allowed.any(dim=-1, keepdim=True)  # queries that may read no key
         mask = allowed | empty
         if additive is not None:
@@ -414,13 +415,14 @@ class StandardAttention(nn.Module):
         is_causal: bool,
     ) -> None:
         batch, len_q, len_k = query.shape[0], query.shape[1], key.shape[1]
-        _require(
-            key.shape[0] == batch and value.shape[0] == batch,
-            lambda: ValueError(
-                "query, key and value must share the batch size, got "
-                f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}"
-            ),
-        )
+        for name, x in (("key", key), ("value", value)):
+            _require(
+                x.shape[0] == batch,
+                lambda: ValueError(
+                    "query, key and value must share the batch size, got "
+                    f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}"
+                ),
+            )
         _require(
             value.shape[1] == len_k,
             lambda: ValueError(
@@ -431,26 +433,33 @@ class StandardAttention(nn.Module):
             _check_mask_dtype(
                 "key_padding_mask", key_padding_mask, "True = padding, as in torch.nn.MultiheadAttention"
             )
-            _require(
-                key_padding_mask.dim() == 2
-                and key_padding_mask.shape[0] == batch
-                and key_padding_mask.shape[1] == len_k,
-                lambda: ValueError(
-                    f"key_padding_mask must have shape (batch, L_k) = {(int(batch), int(len_k))}, "
-                    f"got {tuple(key_padding_mask.shape)}"
-                ),
+            expected = (batch, len_k)
+            wrong = lambda: ValueError(  # noqa: E731
+                f"key_padding_mask must have shape (batch, L_k) = {tuple(int(n) for n in expected)}, "
+                f"got {tuple(key_padding_mask.shape)}"
             )
+            if key_padding_mask.dim() != 2:
+                raise wrong()
+            for got, want in zip(key_padding_mask.shape, expected):
+                _require(got == want, wrong)
         if attn_mask is not None:
             _check_mask_dtype("attn_mask", attn_mask, "True = forbidden pair, as in torch.nn.MultiheadAttention")
             target = (batch, self.n_heads, len_q, len_k)
-            _require(
-                2 <= attn_mask.dim() <= 4
-                and all(m == 1 or m == t for m, t in zip(reversed(attn_mask.shape), reversed(target))),
-                lambda: ValueError(
-                    "attn_mask must be broadcastable to (batch, n_heads, L_q, L_k) = "
-                    f"{tuple(int(t) for t in target)} with 2 to 4 dimensions, got {tuple(attn_mask.shape)}"
-                ),
+            wrong = lambda: ValueError(  # noqa: E731
+                "attn_mask must be (L_q, L_k) or broadcastable to (batch, n_heads, L_q, L_k) = "
+                f"{tuple(int(n) for n in target)}, got {tuple(attn_mask.shape)}"
+                + (
+                    " (a 3-D mask is ambiguous: nn.MultiheadAttention reads (batch * n_heads, L_q, L_k); "
+                    "give it 4 dimensions, or use pba.MultiheadAttentionAdapter, which takes torch's layout)"
+                    if attn_mask.dim() == 3
+                    else ""
+                )
             )
+            if attn_mask.dim() not in (2, 4):
+                raise wrong()
+            for got, want in zip(reversed(attn_mask.shape), reversed(target)):
+                if not (isinstance(got, int) and got == 1):  # a size-1 dimension broadcasts
+                    _require(got == want, wrong)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         if is_causal and self.softmax_over == "queries":
@@ -469,6 +478,11 @@ class StandardAttention(nn.Module):
             f"d_model={self.d_model}, n_heads={self.n_heads}, bias={self.bias}, "
             f"dropout={self.dropout}, softmax_over={self.softmax_over!r}, fused={self.fused}"
         )
+
+
+def _known_equal(a: int | torch.SymInt, b: int | torch.SymInt) -> bool:
+    """``a == b`` for plain ints; ``False`` for symbolic sizes (take the path that works for any)."""
+    return isinstance(a, int) and isinstance(b, int) and a == b
 
 
 def _require(ok: bool | torch.SymBool, error: Callable[[], Exception]) -> None:

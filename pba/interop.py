@@ -12,7 +12,7 @@
 
       layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, batch_first=True)
       layer.self_attn = pba.MultiheadAttentionAdapter(
-          pba.make_attention("super", 64, 4, context_length=128), batch_first=True
+          pba.make_attention("super", 64, 4, context_length=128), batch_first=layer.self_attn.batch_first
       )
 """
 
@@ -27,7 +27,7 @@ __all__ = ["from_torch", "to_torch", "MultiheadAttentionAdapter"]
 
 
 def from_torch(mha: nn.MultiheadAttention) -> StandardAttention:
-    """A :class:`~pba.attention.StandardAttention` with the weights of ``mha``.
+    """A :class:`~pba.attention.StandardAttention` with the weights (and training mode) of ``mha``.
 
     The result is batch-first whatever ``mha.batch_first`` says (the weights do not depend on it).
     Refused, with a ``ValueError`` naming the option: ``kdim``/``vdim`` different from
@@ -64,11 +64,11 @@ def from_torch(mha: nn.MultiheadAttention) -> StandardAttention:
         layer.out_proj.weight.copy_(mha.out_proj.weight)
         if layer.out_proj.bias is not None:
             layer.out_proj.bias.copy_(mha.out_proj.bias)
-    return layer
+    return layer.train(mha.training)
 
 
 def to_torch(layer: StandardAttention, *, batch_first: bool = True) -> nn.MultiheadAttention:
-    """An ``nn.MultiheadAttention`` computing what ``layer`` computes.
+    """An ``nn.MultiheadAttention`` computing what ``layer`` computes (in the same training mode).
 
     A map the variant does not learn becomes the identity with a zero bias (keys and values are
     ``X`` itself). Refused with a ``ValueError``: super attention (``W^A`` mixes tokens before
@@ -108,7 +108,7 @@ def to_torch(layer: StandardAttention, *, batch_first: bool = True) -> nn.Multih
         mha.out_proj.weight.copy_(layer.out_proj.weight)
         if mha.out_proj.bias is not None:
             mha.out_proj.bias.copy_(layer.out_proj.bias)
-    return mha
+    return mha.train(layer.training)
 
 
 class MultiheadAttentionAdapter(nn.Module):
@@ -117,12 +117,17 @@ class MultiheadAttentionAdapter(nn.Module):
     ``forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
     average_attn_weights=True, is_causal=False)`` returns ``(output, weights or None)`` as torch
     does, with torch's mask meanings (which the ``pba`` layers share) and torch's 3-D
-    ``attn_mask`` of shape ``(B * n_heads, L_q, L_k)``. With ``batch_first=False`` inputs are
-    ``(L, B, d_model)``.
+    ``attn_mask`` of shape ``(B * n_heads, L_q, L_k)``. ``batch_first`` has no default: give the
+    value of the module it replaces (``nn.TransformerEncoderLayer``'s own default is ``False``,
+    inputs ``(L, B, d_model)``); a wrong value would silently attend across the batch.
 
     ``is_causal`` is passed on to the layer, which builds the causal mask itself (torch treats the
     flag as a hint about ``attn_mask``). For super attention it is also what makes ``W^A``
     triangular: give ``is_causal=True`` to a causal model, not only a causal ``attn_mask``.
+
+    Differences from torch: the returned weights are taken before attention dropout, and the
+    parameters are the layer's (``layer.q_proj.weight``...), so a checkpoint of an
+    ``nn.MultiheadAttention`` does not load into it; convert one with :func:`from_torch` first.
 
     The attributes ``in_proj_weight``, ``in_proj_bias`` (``None``) and ``_qkv_same_embed_dim``
     (``False``) tell ``nn.TransformerEncoderLayer`` that its fused inference fast path, which reads
@@ -133,7 +138,7 @@ class MultiheadAttentionAdapter(nn.Module):
     in_proj_bias = None
     _qkv_same_embed_dim = False
 
-    def __init__(self, layer: StandardAttention, *, batch_first: bool = True) -> None:
+    def __init__(self, layer: StandardAttention, *, batch_first: bool) -> None:
         super().__init__()
         if not isinstance(layer, StandardAttention):
             raise TypeError(f"layer must be a pba attention layer, got {type(layer).__name__}")

@@ -111,12 +111,67 @@ def test_bad_masks_are_named(variant: str) -> None:
     x = torch.randn(2, L, D)
     with pytest.raises(TypeError, match=r"attn_mask must be a bool tensor \(True = forbidden pair.*got torch.int64"):
         layer(x, attn_mask=torch.zeros(L, L, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"attn_mask must be broadcastable to \(batch, n_heads, L_q, L_k\) = \(2, 4, 8, 8\) with 2 to 4 dimensions, got \(8, 7\)"):
+    with pytest.raises(ValueError, match=r"attn_mask must be \(L_q, L_k\) or broadcastable to \(batch, n_heads, L_q, L_k\) = \(2, 4, 8, 8\), got \(8, 7\)"):
         layer(x, attn_mask=torch.zeros(L, L - 1, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"got \(8,\)"):
         layer(x, attn_mask=torch.zeros(L, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"got \(3, 1, 8, 8\)"):
         layer(x, attn_mask=torch.zeros(3, 1, L, L, dtype=torch.bool))
+
+
+@pytest.mark.parametrize(("variant", "options"), KEY_SOFTMAX)
+def test_fused_path_with_per_head_masks_equals_explicit(variant: str, options: dict) -> None:
+    layer = build64(variant, **options)
+    x = torch.randn(3, L, D, dtype=torch.float64)
+    float_pad = torch.zeros(3, L, dtype=torch.float64).masked_fill(right_padding_mask([L, 5, 0], L), float("-inf"))
+    for kind in ("bool", "float"):
+        mask = random_attn_mask(kind, (3, H, L, L))
+        fused = layer(x, key_padding_mask=float_pad, attn_mask=mask, is_causal=True)
+        layer.fused = False
+        explicit = layer(x, key_padding_mask=float_pad, attn_mask=mask, is_causal=True)
+        layer.fused = True
+        torch.testing.assert_close(fused, explicit, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_float_padding_mask_equals_bool(variant: str) -> None:
+    """``-inf`` in a float key_padding_mask is padding (zeroed before W^A too), as a bool ``True``."""
+    layer = build(variant).eval()
+    x = torch.randn(3, L, D)
+    pad = right_padding_mask([L, 5, 2], L)
+    as_float = torch.zeros(3, L, dtype=torch.float64).masked_fill(pad, float("-inf"))  # another dtype
+    for fused in (True, False):
+        layer.fused = fused
+        torch.testing.assert_close(layer(x, key_padding_mask=as_float), layer(x, key_padding_mask=pad))
+        unbatched_mask = torch.zeros(L, L, dtype=torch.bool).triu(1)
+        torch.testing.assert_close(layer(x[1], attn_mask=unbatched_mask), layer(x[1:2], attn_mask=unbatched_mask)[0])
+
+
+def test_three_dimensional_attn_mask_is_refused() -> None:
+    layer = build("standard")
+    x = torch.randn(4, L, D)  # batch == n_heads: a (B, L, L) mask would pass as (h, L, L)
+    with pytest.raises(ValueError, match=r"a 3-D mask is ambiguous"):
+        layer(x, attn_mask=torch.zeros(4, L, L, dtype=torch.bool))
+
+
+def test_export_cross_attention_with_separate_lengths() -> None:
+    """Query and key lengths as two dynamic dimensions, equal or not (prefill and decoding)."""
+    from torch.export import Dim, export
+
+    class Decode(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = build("super")
+
+        def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return self.layer(q, kv, is_causal=True)
+
+    model = Decode().eval()
+    q_len, kv_len = Dim("q_len", min=1, max=L), Dim("kv_len", min=2, max=L)
+    program = export(model, (torch.randn(2, 3, D), torch.randn(2, L, D)), dynamic_shapes=({1: q_len}, {1: kv_len}))
+    for lq, lk in ((3, L), (L, L), (1, 5)):
+        q, kv = torch.randn(2, lq, D), torch.randn(2, lk, D)
+        torch.testing.assert_close(program.module()(q, kv), model(q, kv), atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------- initialisation
@@ -202,8 +257,9 @@ def test_to_torch_computes_the_same(variant: str, bias: bool) -> None:
 
 
 def test_from_torch_and_back_is_the_identity() -> None:
-    mha = nn.MultiheadAttention(D, H, batch_first=True)
+    mha = nn.MultiheadAttention(D, H, batch_first=True).eval()
     nn.init.normal_(mha.in_proj_bias)
+    assert not pba.from_torch(mha).training and pba.from_torch(mha.train()).training  # mode kept
     back = pba.to_torch(pba.from_torch(mha))
     for name, tensor in mha.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], tensor, rtol=0, atol=0)
@@ -243,14 +299,20 @@ def test_adapter_inside_transformer_encoder_layer(variant: str, batch_first: boo
     pad = right_padding_mask([L, 5, 2], L)
     causal = nn.Transformer.generate_square_subsequent_mask(L)  # float: 0 and -inf
     src = x if batch_first else x.transpose(0, 1)
+    float_pad = torch.zeros(3, L).masked_fill(pad, float("-inf"))
     for mode in ("train", "eval"):
         getattr(enc, mode)()
-        out = enc(src, src_mask=causal, src_key_padding_mask=pad.float().masked_fill(pad, float("-inf")), is_causal=True)
+        out = enc(src, src_mask=causal, src_key_padding_mask=float_pad, is_causal=True)
         assert out.shape == src.shape and out.isfinite().all()
-        out.sum().backward() if mode == "train" else None
+        if mode == "eval":  # the block's attention is the pba layer, called on the block's input
+            attended = enc.self_attn.layer(x, key_padding_mask=pad, is_causal=True)
+            expected = enc.norm2(enc.norm1(x + attended) + enc._ff_block(enc.norm1(x + attended)))
+            torch.testing.assert_close(out if batch_first else out.transpose(0, 1), expected, atol=1e-5, rtol=1e-5)
+        else:
+            out.sum().backward()
         if reference is not None:
             getattr(reference, mode)()
-            expected = reference(src, src_mask=causal, src_key_padding_mask=pad.float().masked_fill(pad, float("-inf")), is_causal=True)
+            expected = reference(src, src_mask=causal, src_key_padding_mask=float_pad, is_causal=True)
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert enc.self_attn.layer.q_proj.weight.grad is not None
 
@@ -258,7 +320,7 @@ def test_adapter_inside_transformer_encoder_layer(variant: str, batch_first: boo
 def test_adapter_speaks_torch() -> None:
     """Return value, weight averaging and torch's (B * h, L_q, L_k) attn_mask, as nn.MultiheadAttention."""
     mha = nn.MultiheadAttention(D, H, batch_first=True).eval()
-    adapter = pba.MultiheadAttentionAdapter(pba.from_torch(mha)).eval()
+    adapter = pba.MultiheadAttentionAdapter(pba.from_torch(mha), batch_first=True).eval()
     x = torch.randn(2, L, D)
     mask = torch.rand(2 * H, L, L) < 0.3
     mask[:, :, 0] = False  # every query may read key 0
@@ -270,7 +332,7 @@ def test_adapter_speaks_torch() -> None:
     out, weights = adapter(x, x, x, need_weights=False)
     assert weights is None and out.shape == x.shape
     with pytest.raises(TypeError, match="layer must be a pba attention layer, got MultiheadAttention"):
-        pba.MultiheadAttentionAdapter(mha)
+        pba.MultiheadAttentionAdapter(mha, batch_first=True)
 
 
 # ------------------------------------------------------------------------------- torch machinery

@@ -142,28 +142,58 @@ class StandardAttention(keras.layers.Layer):
         out = self.out_proj(merged)
         return (out, weights) if need_weights else out
 
+    def compute_output_spec(
+        self, query, key=None, value=None, key_padding_mask=None, is_causal=False, need_weights=False, training=None
+    ):
+        """Output shapes for symbolic inputs (a functional model), from the shapes alone.
+
+        Every backend can then build a model whose batch size or length is unknown, without
+        tracing :meth:`call` symbolically (JAX cannot slice ``W^A`` to an unknown length).
+        """
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value, key_padding_mask, is_causal)
+        out = keras.KerasTensor(query.shape, dtype=self.compute_dtype)
+        if not need_weights:
+            return out
+        weights = (query.shape[0], self.n_heads, query.shape[1], key.shape[1])
+        return out, keras.KerasTensor(weights, dtype=self.compute_dtype)
+
     @staticmethod
-    def _allowed(key_padding_mask, is_causal: bool, len_q: int, len_k: int):
+    def _allowed(key_padding_mask, is_causal: bool, len_q, len_k):
+        """Bool, broadcastable to ``(B, h, L_q, L_k)``: ``True`` where query ``t`` may read key ``j``.
+
+        Lengths may be symbolic (a TensorFlow graph with an unknown length), so the causal mask is
+        built by comparing positions rather than with ``tril`` of a fixed shape.
+        """
         allowed = None
         if key_padding_mask is not None:
             allowed = ops.logical_not(ops.cast(key_padding_mask, "bool"))[:, None, None, :]
         if is_causal:  # query t sits at position t + L_k - L_q of the keys' sequence
-            causal = ops.tril(ops.ones((len_q, len_k), dtype="bool"), len_k - len_q)[None, None]
+            query_position = ops.arange(len_q)[:, None] + (len_k - len_q)
+            causal = ops.less_equal(ops.arange(len_k)[None, :], query_position)[None, None]
             allowed = causal if allowed is None else ops.logical_and(allowed, causal)
         return allowed
 
     def _check_inputs(self, query, key, value, key_padding_mask, is_causal: bool) -> None:
+        """The PyTorch layers' checks, on the shapes Keras knows before running.
+
+        In a functional model or a compiled step (``tf.function``, ``jax.jit``) a dimension may be
+        unknown (``None``, the batch size usually); a check that needs it is skipped, never a crash.
+        """
+        shapes = {}
         for name, x in (("query", query), ("key", key), ("value", value)):
-            shape = tuple(ops.shape(x))
             if "float" not in str(keras.backend.standardize_dtype(x.dtype)):
                 raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-            if len(shape) != 3 or shape[-1] != self.d_model:
+            shape = _static_shape(x)
+            if len(shape) != 3 or shape[-1] not in (None, self.d_model):
                 raise ValueError(
                     f"{name} must have shape (batch, length, d_model={self.d_model}), got {shape}"
                 )
-        if ops.shape(value)[1] != ops.shape(key)[1]:
+            shapes[name] = shape
+        if not _same(shapes["key"][1], shapes["value"][1]):
             raise ValueError(
-                f"key and value must have the same length, got {ops.shape(key)[1]} and {ops.shape(value)[1]}"
+                f"key and value must have the same length, got {shapes['key'][1]} and {shapes['value'][1]}"
             )
         if key_padding_mask is not None:
             if keras.backend.standardize_dtype(key_padding_mask.dtype) != "bool":
@@ -171,18 +201,17 @@ class StandardAttention(keras.layers.Layer):
                     "key_padding_mask must be a bool tensor (True = padding, as in torch.nn.MultiheadAttention), "
                     f"got {key_padding_mask.dtype}"
                 )
-            expected = (ops.shape(key)[0], ops.shape(key)[1])
-            if tuple(ops.shape(key_padding_mask)) != tuple(expected):
-                raise ValueError(
-                    f"key_padding_mask must have shape (batch, L_k) = {tuple(expected)}, "
-                    f"got {tuple(ops.shape(key_padding_mask))}"
-                )
+            expected = (shapes["key"][0], shapes["key"][1])
+            got = _static_shape(key_padding_mask)
+            if len(got) != 2 or not all(_same(a, b) for a, b in zip(got, expected)):
+                raise ValueError(f"key_padding_mask must have shape (batch, L_k) = {expected}, got {got}")
         if is_causal and self.softmax_over == "queries":
             raise ValueError(_CAUSAL_NEEDS_KEYS)
-        if is_causal and ops.shape(query)[1] > ops.shape(key)[1]:
+        len_q, len_k = shapes["query"][1], shapes["key"][1]
+        if is_causal and len_q is not None and len_k is not None and len_q > len_k:
             raise ValueError(
                 "is_causal=True needs L_q <= L_k (the queries are the last L_q of the keys' positions), "
-                f"got L_q={ops.shape(query)[1]}, L_k={ops.shape(key)[1]}"
+                f"got L_q={len_q}, L_k={len_k}"
             )
 
     def get_config(self) -> dict:
@@ -257,8 +286,8 @@ class SuperAttention(EfficientAttention):
     def project_value(self, value, is_causal: bool):
         length = ops.shape(value)[1]  # padded rows are zero already (call zeroes them)
         wa = self.wa_weight[..., :length, :length]
-        if is_causal:
-            wa = ops.tril(wa)  # lower-triangular: no value row mixes a later token
+        if is_causal:  # lower-triangular: no value row mixes a later token
+            wa = ops.where(ops.less_equal(ops.arange(length)[None, :], ops.arange(length)[:, None]), wa, 0.0)
         if self.wa_sharing == "layer":
             mixed = ops.einsum("jm,bmd->bjd", wa, value)  # W^A X
             if self.wa_bias is not None:
@@ -272,10 +301,10 @@ class SuperAttention(EfficientAttention):
 
     def _check_inputs(self, query, key, value, key_padding_mask, is_causal: bool) -> None:
         super()._check_inputs(query, key, value, key_padding_mask, is_causal)
-        if ops.shape(key)[1] > self.context_length:
+        len_k = _static_shape(key)[1]
+        if len_k is not None and len_k > self.context_length:
             raise ValueError(
-                f"super attention takes at most context_length={self.context_length} keys, "
-                f"got L_k={ops.shape(key)[1]}"
+                f"super attention takes at most context_length={self.context_length} keys, got L_k={len_k}"
             )
 
     def get_config(self) -> dict:
@@ -286,6 +315,16 @@ class SuperAttention(EfficientAttention):
             wa_bias=self.use_wa_bias,
         )
         return config
+
+
+def _static_shape(x) -> tuple:
+    """The shape Keras knows without running: ints, and ``None`` for a dimension not known yet."""
+    return tuple(d if isinstance(d, int) else None for d in tuple(x.shape))
+
+
+def _same(a, b) -> bool:
+    """Two dimensions agree, or one of them is not known yet."""
+    return a is None or b is None or a == b
 
 
 _CLASSES = {cls.variant: cls for cls in (StandardAttention, OptimisedAttention, EfficientAttention, SuperAttention)}
