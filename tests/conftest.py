@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Keras runs on the torch backend in the tests, so CI needs no TensorFlow or JAX.
+# In-process Keras tests use the torch backend; tests/test_keras_backends.py runs the Keras suite
+# on TensorFlow, JAX and torch, each in a process of its own.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import pytest  # noqa: E402

@@ -58,4 +58,6 @@ def test_every_chapter_has_a_colab_install_cell_that_nothing_runs() -> None:
         first_code = next(c for c in notebook.cells if c.cell_type == "code")
         tags = set(first_code.metadata.get("tags", []))
         assert {"nbval-skip", "skip-execution"} <= tags, path.name
-        assert "google.colab" in first_code.source and "--no-deps" in first_code.source, path.name
+        # pinned to this version's tag, and never forcing an upgrade of Colab's packages
+        assert "google.colab" in first_code.source and f"@v{pba.__version__}" in first_code.source, path.name
+        assert "--upgrade" not in first_code.source and " -U " not in first_code.source, path.name

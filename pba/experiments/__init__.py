@@ -9,7 +9,7 @@ results file into a table, statistics and figures.
 from .imdb import QUIRKS, ImdbSettings, run_grid, run_one, run_stack
 from .mnist import MnistSettings
 from .shakespeare import ShakespeareSettings
-from .summary import load_results, summarise
+from .summary import compare, load_results, summarise
 
 __all__ = [
     "QUIRKS",
@@ -20,5 +20,6 @@ __all__ = [
     "run_one",
     "run_stack",
     "summarise",
+    "compare",
     "load_results",
 ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["REFERENCE", "METRICS", "summarise", "format_table", "plot_results", "load_results"]
+from .. import __version__
+
+__all__ = ["REFERENCE", "METRICS", "Comparison", "compare", "summarise", "format_table", "plot_results", "load_results"]
 
 #: The reference reimplementation's published means (sd) of 5 runs, PyTorch, seed protocol, and
 #: its own script rerun on our copy of the data (means only).
@@ -27,6 +31,69 @@ def _welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | tupl
 
     t, p = ttest_ind(a, b, equal_var=False)
     return float(t), float(p)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One variant against a baseline on one metric: :func:`compare`'s answer."""
+
+    variant: str
+    baseline: str
+    metric: str
+    runs: tuple[int, int]  # (variant, baseline)
+    difference: float  # mean(variant) - mean(baseline)
+    standard_error: float  # of the difference
+    low: float  # 95 % confidence interval of the difference (Welch)
+    high: float
+    p_value: float  # Welch's two-sided t-test
+    verdict: str  # "better", "worse" or "no detectable difference"
+
+
+def compare(
+    payload: dict,
+    variant: str,
+    baseline: str = "standard",
+    *,
+    metric: str = "test_acc",
+    baseline_payload: dict | None = None,
+) -> Comparison:
+    """The book's one rule for "is this variant different from the baseline?".
+
+    Runs are independent seeds. The difference of the means gets Welch's 95 % confidence interval
+    (unequal variances, Welch-Satterthwaite degrees of freedom, the t quantile rather than 2: with
+    3 to 5 seeds a "2 standard errors" rule would be a test at 8 to 18 %, not 5 %). The variant is
+    ``better`` or ``worse`` when the interval excludes zero (``test_loss``: lower is better), else
+    there is ``no detectable difference``, which is not evidence of equality: the interval says how
+    large a difference the runs cannot exclude. ``baseline_payload``: take the baseline's runs from
+    another file (a variant rerun with one option changed).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
+    ours = [r[metric] for r in payload["runs"] if r["variant"] == variant]
+    theirs = [r[metric] for r in (baseline_payload or payload)["runs"] if r["variant"] == baseline]
+    for name, values in ((variant, ours), (baseline, theirs)):
+        if len(values) < 2:
+            raise ValueError(f"{name} needs at least 2 runs to compare, got {len(values)}")
+    from scipy import stats
+
+    mean_ours, mean_theirs = statistics.fmean(ours), statistics.fmean(theirs)
+    var_ours, var_theirs = statistics.variance(ours) / len(ours), statistics.variance(theirs) / len(theirs)
+    se = (var_ours + var_theirs) ** 0.5
+    difference = mean_ours - mean_theirs
+    if se == 0:
+        low = high = difference
+        p = 1.0 if difference == 0 else 0.0
+    else:
+        dof = se**4 / (var_ours**2 / (len(ours) - 1) + var_theirs**2 / (len(theirs) - 1))
+        half = float(stats.t.ppf(0.975, dof)) * se
+        low, high = difference - half, difference + half
+        p = float(2 * stats.t.sf(abs(difference) / se, dof))
+    sign = -1.0 if metric == "test_loss" else 1.0  # which direction is "better"
+    if low > 0 or high < 0:
+        verdict = "better" if sign * difference > 0 else "worse"
+    else:
+        verdict = "no detectable difference"
+    return Comparison(variant, baseline, metric, (len(ours), len(theirs)), difference, se, low, high, p, verdict)
 
 
 #: How each metric a summary can compare is printed: its label and its factor (accuracy in percent).
@@ -122,12 +189,19 @@ def plot_results(payload: dict, directory: str | Path, stem: str, *, metric: str
     return written
 
 
-#: Where ``results/`` lives on GitHub, for notebooks opened outside a checkout (Colab).
-RESULTS_URL = "https://raw.githubusercontent.com/pay-better-attention/pba/main/results/"
+#: Where ``results/`` lives on GitHub for this version (its tag), for notebooks opened outside a
+#: checkout (Colab): the results that went with the code that reads them.
+RESULTS_URL = f"https://raw.githubusercontent.com/pay-better-attention/pba/v{__version__}/results/"
 
 
 def find_results_dir() -> Path | None:
-    """The ``results/`` folder of the checkout around the working directory, if there is one."""
+    """``$PBA_RESULTS_DIR`` if set, else the ``results/`` folder of the checkout around the working
+    directory, if there is one (else :func:`load_results` reads :data:`RESULTS_URL`)."""
+    named = os.environ.get("PBA_RESULTS_DIR")
+    if named:
+        if not Path(named).is_dir():
+            raise FileNotFoundError(f"PBA_RESULTS_DIR={named!r} is not a directory")
+        return Path(named)
     for folder in (Path.cwd(), *Path.cwd().parents):
         if (folder / "results").is_dir() and (folder / "pba").is_dir():
             return folder / "results"

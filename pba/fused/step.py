@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ __all__ = [
     "fused_unsupported_reason",
     "imdb_parts",
     "load_extension",
+    "toolchain_missing",
 ]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "imdb_step.cpp"
@@ -87,6 +89,20 @@ MODULE_KINDS: dict[str, type[nn.Module]] = {
 }
 
 _ATTENTION_LAYERS = (StandardAttention, OptimisedAttention, EfficientAttention, SuperAttention)
+
+
+def toolchain_missing() -> str | None:
+    """Why the C++ step cannot be compiled here (no C++ compiler, or no ``ninja``), or ``None``."""
+    import shutil
+
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} is not on PATH; install g++ or set CXX)"
+    if not is_ninja_available():
+        return "no ninja, which torch compiles C++ extensions with (pip install ninja)"
+    return None
 
 
 @functools.lru_cache(maxsize=None)

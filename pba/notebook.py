@@ -1,0 +1,27 @@
+"""What the book's chapters need from a notebook, wherever they run.
+
+:func:`glue` stores a value for the book's text when the book is being built (``myst_nb`` is there),
+and otherwise (Colab, plain Jupyter) shows it, or does nothing when asked not to display it. So a
+chapter runs the same cells in the built book, in CI and on Colab.
+"""
+
+from __future__ import annotations
+
+__all__ = ["glue"]
+
+
+def glue(name: str, value: object, display: bool = True) -> None:
+    """``myst_nb.glue(name, value, display)`` where myst_nb is installed; else display ``value``.
+
+    In the built book, ``{glue:text}`name``` in the prose shows the value, so the text cannot
+    disagree with the run that produced it.
+    """
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            from IPython.display import display as show
+
+            show(value)
+        return
+    myst_glue(name, value, display=display)
