@@ -102,7 +102,12 @@ def run_as_colab(notebook: dict, colab: dict[str, Path], timeout: int = 900) -> 
 
 @pytest.mark.parametrize("path", chapters(), ids=lambda p: p.stem)
 def test_chapter_runs_on_a_fresh_colab(path: Path, colab: dict[str, Path]) -> None:
-    run_as_colab(json.loads(path.read_text()), colab)
+    executed = run_as_colab(json.loads(path.read_text()), colab)
+    install = next(cell for cell in executed.cells if "%pip install" in cell.source)
+    printed = "".join(output.get("text", "") for output in install.outputs)
+    assert "installed pay-better-attention" in printed, printed  # the install cell ran, as on Colab
+    code = [cell for cell in executed.cells if cell.cell_type == "code"]
+    assert all(cell.execution_count is not None for cell in code)  # and so did every other cell
 
 
 def test_a_chapter_that_imports_what_it_did_not_install_fails(colab: dict[str, Path]) -> None:

@@ -421,7 +421,8 @@ def test_fused_path_on_cpu_has_no_forward_mode() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):  # the documented way round with fused=True
-        torch.func.jvp(f, (x,), (torch.randn_like(x),))
+        _, tangent = torch.func.jvp(f, (x,), (torch.randn_like(x),))
+    assert tangent.shape == x.shape and tangent.isfinite().all() and tangent.abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
