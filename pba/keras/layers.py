@@ -161,17 +161,12 @@ class StandardAttention(keras.layers.Layer):
 
     @staticmethod
     def _allowed(key_padding_mask, is_causal: bool, len_q, len_k):
-        """Bool, broadcastable to ``(B, h, L_q, L_k)``: ``True`` where query ``t`` may read key ``j``.
-
-        Lengths may be symbolic (a TensorFlow graph with an unknown length), so the causal mask is
-        built by comparing positions rather than with ``tril`` of a fixed shape.
-        """
+        """Bool, broadcastable to ``(B, h, L_q, L_k)``: ``True`` where query ``t`` may read key ``j``."""
         allowed = None
         if key_padding_mask is not None:
             allowed = ops.logical_not(ops.cast(key_padding_mask, "bool"))[:, None, None, :]
-        if is_causal:  # query t sits at position t + L_k - L_q of the keys' sequence
-            query_position = ops.arange(len_q)[:, None] + (len_k - len_q)
-            causal = ops.less_equal(ops.arange(len_k)[None, :], query_position)[None, None]
+        if is_causal:
+            causal = _causal(len_q, len_k)[None, None]
             allowed = causal if allowed is None else ops.logical_and(allowed, causal)
         return allowed
 
@@ -287,7 +282,7 @@ class SuperAttention(EfficientAttention):
         length = ops.shape(value)[1]  # padded rows are zero already (call zeroes them)
         wa = self.wa_weight[..., :length, :length]
         if is_causal:  # lower-triangular: no value row mixes a later token
-            wa = ops.where(ops.less_equal(ops.arange(length)[None, :], ops.arange(length)[:, None]), wa, 0.0)
+            wa = ops.where(_causal(length, length), wa, 0.0)
         if self.wa_sharing == "layer":
             mixed = ops.einsum("jm,bmd->bjd", wa, value)  # W^A X
             if self.wa_bias is not None:
@@ -315,6 +310,15 @@ class SuperAttention(EfficientAttention):
             wa_bias=self.use_wa_bias,
         )
         return config
+
+
+def _causal(len_q, len_k):
+    """Bool ``(L_q, L_k)``: query ``t``, at position ``t + L_k - L_q``, may read key ``j`` at or before it.
+
+    Built by comparing positions, so the lengths may be symbolic (a TensorFlow graph).
+    """
+    query_position = ops.arange(len_q)[:, None] + (len_k - len_q)
+    return ops.less_equal(ops.arange(len_k)[None, :], query_position)
 
 
 def _static_shape(x) -> tuple:
