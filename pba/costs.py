@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._checks import check_positive_int
 from .attention import VARIANTS, learned_projections
 
 __all__ = ["parameter_count", "macs", "count_parameters"]
@@ -33,11 +34,6 @@ _ON_KEYS = ("k", "v")  # applied to the L_k keys/values; "q" and "o" to the L_q 
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-
-
-def _check_size(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def parameter_count(
@@ -55,15 +51,15 @@ def parameter_count(
     ``W^A`` adds ``l^2`` (``+ l`` with ``wa_bias``), times ``n_heads`` when ``wa_sharing="head"``.
     """
     _check_variant(variant)
-    _check_size("d_model", d_model)
-    _check_size("n_heads", n_heads)
+    check_positive_int("d_model", d_model)
+    check_positive_int("n_heads", n_heads)
     learned = learned_projections(variant)
     p = sum(name in _SQUARE for name in learned)
     count = p * (d_model * d_model + (d_model if bias else 0))
     if "a" in learned:
         if context_length is None:
             raise ValueError("super attention needs context_length to count W^A")
-        _check_size("context_length", context_length)
+        check_positive_int("context_length", context_length)
         if wa_sharing not in ("layer", "head"):
             raise ValueError(f"wa_sharing must be one of ('layer', 'head'), got {wa_sharing!r}")
         copies = n_heads if wa_sharing == "head" else 1
@@ -79,10 +75,10 @@ def macs(variant: str, d_model: int, length: int, *, key_length: int | None = No
     ``W^A X`` costs ``L_k^2 d`` whether ``W^A`` is shared or per head.
     """
     _check_variant(variant)
-    _check_size("d_model", d_model)
-    _check_size("length", length)
+    check_positive_int("d_model", d_model)
+    check_positive_int("length", length)
     len_q, len_k = length, length if key_length is None else key_length
-    _check_size("key_length", len_k)
+    check_positive_int("key_length", len_k)
     d = d_model
     learned = learned_projections(variant)
     projections = sum((len_k if name in _ON_KEYS else len_q) * d * d for name in learned if name in _SQUARE)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_positive_int
+
 __all__ = [
     "TrainConfig",
     "RunResult",
@@ -74,11 +76,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # ------------------------------------------------------------------------------------ config
@@ -129,7 +126,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name, choices in (("optimizer", ("adam", "adamw")), ("schedule", ("constant", "cosine")), ("select", ("best", "last"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -144,7 +141,7 @@ class TrainConfig:
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.decay_steps is not None:
-            _positive_int("decay_steps", self.decay_steps)
+            check_positive_int("decay_steps", self.decay_steps)
             if self.decay_steps <= self.warmup_steps:
                 raise ValueError(f"decay_steps must exceed warmup_steps={self.warmup_steps}, got {self.decay_steps}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -301,10 +298,10 @@ class LanguageModeling(Task):
     select_on = "loss"
 
     def __init__(self, train: Tensor, val: Tensor, *, block_size: int, steps_per_round: int, val_blocks: int | None = 256) -> None:
-        _positive_int("block_size", block_size)
-        _positive_int("steps_per_round", steps_per_round)
+        check_positive_int("block_size", block_size)
+        check_positive_int("steps_per_round", steps_per_round)
         if val_blocks is not None:
-            _positive_int("val_blocks", val_blocks)
+            check_positive_int("val_blocks", val_blocks)
         for name, stream in (("train", train), ("val", val)):
             if not isinstance(stream, Tensor) or stream.dim() != 1 or stream.is_floating_point():
                 raise ValueError(f"{name} must be a 1-D integer tensor of token ids, got {getattr(stream, 'dtype', type(stream))}")

@@ -17,6 +17,8 @@ from pba.data import load_mnist, load_shakespeare, split_mnist
 from pba.experiments import mnist, shakespeare
 from pba.experiments.cli import main
 from pba.experiments.grid import run_grid
+from pba.models.gpt import GPTArchitecture
+from pba.models.vit import ViTArchitecture
 
 TINY_GPT = shakespeare.ShakespeareSettings(
     iterations=30, eval_interval=10, val_blocks=16, n_layer=1, n_embd=32, n_head=2, warmup_steps=5
@@ -126,3 +128,43 @@ def test_shakespeare_grid_resumes_and_refuses_other_settings(corpus, shakespeare
                              data_dir=str(shakespeare_dir))
     with pytest.raises(ValueError, match="holds runs of experiment 'shakespeare', not 'mnist'"):
         run_grid(mnist.EXPERIMENT, out, variants=["efficient"], seeds=[0], settings=TINY_VIT)
+
+
+# Non-default values of every architecture field, valid together.
+_GPT_ARCH = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 24, "dropout": 0.1, "bias": False,
+             "tie_weights": False, "wa_init": "identity"}
+_VIT_ARCH = {"patch_size": 4, "d_model": 24, "n_layers": 1, "n_heads": 3, "mlp_ratio": 3, "pooling": "cls",
+             "dropout": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("settings_type", "architecture_type", "changes", "build"),
+    [
+        (shakespeare.ShakespeareSettings, GPTArchitecture, _GPT_ARCH, lambda s: s.model("super", 11)),
+        (mnist.MnistSettings, ViTArchitecture, _VIT_ARCH, lambda s: s.model("super")),
+    ],
+)
+def test_settings_pass_every_architecture_field_to_the_model(settings_type, architecture_type, changes, build) -> None:
+    names = {f.name for f in dataclasses.fields(architecture_type)}
+    assert names == set(changes)  # a field added to the architecture must be added here too
+    defaults = architecture_type()
+    assert all(getattr(defaults, k) != v for k, v in changes.items())
+    model = build(settings_type(**changes))
+    assert {k: getattr(model.config, k) for k in names} == changes
+    assert model.config.variant == "super"
+
+
+def test_settings_check_the_architecture_when_made() -> None:
+    with pytest.raises(ValueError, match="n_embd must be divisible by n_head"):
+        shakespeare.ShakespeareSettings(n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        mnist.MnistSettings(pooling="max")
+
+
+def test_committed_results_load_as_settings() -> None:
+    """Each committed grid's settings make its experiment's settings (missing fields: defaults)."""
+    root = Path(__file__).resolve().parents[1] / "results"
+    for name, settings_type in (("shakespeare", shakespeare.ShakespeareSettings), ("mnist", mnist.MnistSettings)):
+        recorded = json.loads((root / f"{name}.json").read_text())["settings"]
+        settings = settings_type(**recorded)
+        assert {k: v for k, v in dataclasses.asdict(settings).items() if k in recorded} == recorded

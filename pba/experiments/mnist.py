@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .. import costs
 from ..costs import count_parameters
 from ..data.mnist import MNISTSplits, load_mnist, split_mnist
-from ..models.vit import ViT, ViTConfig
+from ..models.vit import ViT, ViTArchitecture, ViTConfig
 from ..train import Classification, RunResult, TrainConfig
 from . import grid
 
@@ -21,16 +21,10 @@ __all__ = ["MnistSettings", "EXPERIMENT", "run_one"]
 
 
 @dataclass(frozen=True)
-class MnistSettings:
-    """Everything that determines a run apart from its variant and seed."""
+class MnistSettings(ViTArchitecture):
+    """Everything that determines a run apart from its variant and seed: the model's
+    :class:`~pba.models.vit.ViTArchitecture` fields and the protocol below."""
 
-    patch_size: int = 7
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    mlp_ratio: int = 2
-    pooling: str = "mean"
-    dropout: float = 0.0
     epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
@@ -42,10 +36,7 @@ class MnistSettings:
     train_size: int = 0  # 0: every training image not held out for validation
 
     def model(self, variant: str) -> ViT:
-        return ViT(ViTConfig(
-            patch_size=self.patch_size, d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-            mlp_ratio=self.mlp_ratio, pooling=self.pooling, dropout=self.dropout, variant=variant,
-        ))
+        return ViT(ViTConfig(**self.architecture(), variant=variant))
 
     def splits(self, data_dir: str | None) -> MNISTSplits:
         return split_mnist(load_mnist(data_dir), val_size=self.val_size, split_seed=self.split_seed, train_size=self.train_size or None)

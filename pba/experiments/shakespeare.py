@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import check_positive_int
 from ..costs import count_parameters
 from ..data.shakespeare import CharCorpus, load_shakespeare
-from ..models.gpt import GPT, GPTConfig, generate
+from ..models.gpt import GPT, GPTArchitecture, GPTConfig, generate
 from ..train import LanguageModeling, RunResult, TrainConfig
 from . import grid
 
@@ -26,20 +27,15 @@ __all__ = ["ShakespeareSettings", "EXPERIMENT", "run_one"]
 
 
 @dataclass(frozen=True)
-class ShakespeareSettings:
-    """Everything that determines a run apart from its variant and seed."""
+class ShakespeareSettings(GPTArchitecture):
+    """Everything that determines a run apart from its variant and seed: the model's
+    :class:`~pba.models.gpt.GPTArchitecture` fields (nanoGPT's CPU model by default) and the
+    training protocol below."""
 
     iterations: int = 2000
     eval_interval: int = 250
     val_blocks: int = 256
     batch_size: int = 12
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    tie_weights: bool = True
-    wa_init: str = "random"  # super attention's W^A: "random" or "identity" (pba.models.gpt.WA_INITS)
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
@@ -48,21 +44,16 @@ class ShakespeareSettings:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "eval_interval", "val_blocks", "batch_size", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        super().__post_init__()
+        for name in ("iterations", "eval_interval", "val_blocks", "batch_size"):
+            check_positive_int(name, getattr(self, name))
         if self.iterations % self.eval_interval:
             raise ValueError(
                 f"iterations must be a multiple of eval_interval={self.eval_interval}, got {self.iterations}"
             )
 
     def model(self, variant: str, vocab_size: int) -> GPT:
-        return GPT(GPTConfig(
-            vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer, n_head=self.n_head,
-            n_embd=self.n_embd, dropout=self.dropout, variant=variant, tie_weights=self.tie_weights,
-            wa_init=self.wa_init,
-        ))
+        return GPT(GPTConfig(**self.architecture(), vocab_size=vocab_size, variant=variant))
 
     def build_model(self, variant: str, corpus: CharCorpus) -> GPT:
         return self.model(variant, corpus.vocab_size)

@@ -8,18 +8,20 @@
     :class:`~pba.models.vit.ViT`, a small Vision Transformer over non-overlapping patches.
 """
 
-from .gpt import GPT, GPTBlock, GPTConfig, generate
+from .gpt import GPT, GPTArchitecture, GPTBlock, GPTConfig, generate
 from .imdb import EncoderBlock, IMDBClassifier
-from .vit import ViT, ViTBlock, ViTConfig, patchify, unpatchify
+from .vit import ViT, ViTArchitecture, ViTBlock, ViTConfig, patchify, unpatchify
 
 __all__ = [
     "EncoderBlock",
     "IMDBClassifier",
     "GPT",
+    "GPTArchitecture",
     "GPTBlock",
     "GPTConfig",
     "generate",
     "ViT",
+    "ViTArchitecture",
     "ViTBlock",
     "ViTConfig",
     "patchify",

@@ -13,38 +13,35 @@ distribution, and the other variants differ only in the lines the paper changes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from ..attention import VARIANTS, SuperAttention, make_attention
 
 #: Whether a tensor is a ``torch.func.vmap`` wrapper (functorch's own test; absent: never). The id
 #: range check reads values, which a vmapped tensor cannot give.
 _is_vmapped = getattr(torch._C._functorch, "is_batchedtensor", lambda tensor: False)
 
-__all__ = ["GPTConfig", "GPTBlock", "GPT", "generate", "init_causal_wa"]
-
-
-def _positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+__all__ = ["GPTArchitecture", "GPTConfig", "GPTBlock", "GPT", "generate", "init_causal_wa"]
 
 
 @dataclass(frozen=True)
-class GPTConfig:
-    """Every architectural choice of :class:`GPT`.
+class GPTArchitecture:
+    """Every choice of :class:`GPT` that depends neither on the data nor on the attention variant.
+
+    :class:`GPTConfig` adds the two that do (``vocab_size``, ``variant``); an experiment's settings
+    (:class:`pba.experiments.shakespeare.ShakespeareSettings`) add the training protocol.
 
     Attributes:
-        vocab_size: ``V``, the number of token ids (65 characters for Tiny Shakespeare).
         block_size: the context length ``l``: at most this many tokens per sequence; also the size
             of super attention's ``W^A`` (``l x l``) and of the position table.
         n_layer, n_head, n_embd: depth, heads per attention layer, width ``C`` (``n_head | C``).
         dropout: on the embeddings, the attention weights, and both residual branches (training).
         bias: a bias in every linear layer and LayerNorm (as GPT-2 and the paper's counts); the head
             never has one (nanoGPT), and super's ``W^A`` has none (the paper's equations).
-        variant: the attention, one of :data:`pba.VARIANTS`.
         tie_weights: the head shares the token embedding's ``V x C`` matrix (default, as nanoGPT
             and GPT-2). It removes the same ``V C`` parameters (8,320 at ``V = 65``, ``C = 128``)
             from every variant, so the differences in parameters between variants (the attention's
@@ -55,20 +52,18 @@ class GPTConfig:
             (:func:`init_causal_wa`); ``"identity"`` starts super exactly as efficient attention.
     """
 
-    vocab_size: int
     block_size: int = 64
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
-    variant: str = "standard"
     tie_weights: bool = True
     wa_init: str = "random"
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(name, getattr(self, name))
+        for name in ("block_size", "n_layer", "n_head", "n_embd"):
+            check_positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"n_embd must be divisible by n_head, got n_embd={self.n_embd}, n_head={self.n_head}"
@@ -78,10 +73,31 @@ class GPTConfig:
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.wa_init not in WA_INITS:
             raise ValueError(f"wa_init must be one of {WA_INITS}, got {self.wa_init!r}")
+
+    def architecture(self) -> dict[str, object]:
+        """This object's :class:`GPTArchitecture` fields (also of a subclass), by name."""
+        return {f.name: getattr(self, f.name) for f in fields(GPTArchitecture)}
+
+
+@dataclass(frozen=True)
+class GPTConfig(GPTArchitecture):
+    """Every choice of :class:`GPT`: its :class:`GPTArchitecture`, the data's vocabulary, the variant.
+
+    Attributes:
+        vocab_size: ``V``, the number of token ids (65 characters for Tiny Shakespeare); keyword only.
+        variant: the attention, one of :data:`pba.VARIANTS`.
+    """
+
+    vocab_size: int = field(kw_only=True)
+    variant: str = "standard"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("vocab_size", self.vocab_size)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
 
 
 #: How super attention's ``W^A`` starts: ``"random"`` (:func:`init_causal_wa`, the reference's
@@ -159,7 +175,7 @@ class GPT(nn.Module):
     percent of efficient attention's; ``wa_init="identity"`` starts it at ``I`` instead, so a super
     GPT starts as an efficient one.
 
-    With ``tie_weights`` (default) the head is the token embedding; see :class:`GPTConfig`.
+    With ``tie_weights`` (default) the head is the token embedding; see :class:`GPTArchitecture`.
     """
 
     def __init__(self, config: GPTConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from ..attention import make_attention
 
 __all__ = ["EncoderBlock", "IMDBClassifier"]
@@ -81,8 +82,7 @@ class IMDBClassifier(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("n_blocks", n_blocks), ("d_ff", d_ff)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(name, value)
         self.context_length = context_length
         self.pad_id = pad_id
         self.padding_mask = padding_mask

@@ -10,16 +10,17 @@ for super attention, whose ``W^A`` is an ``n_tokens x n_tokens`` matrix over the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import check_positive_int
 from ..attention import VARIANTS, StandardAttention, make_attention
 
-__all__ = ["POOLINGS", "ViTConfig", "ViTBlock", "ViT", "patchify", "unpatchify"]
+__all__ = ["POOLINGS", "ViTArchitecture", "ViTConfig", "ViTBlock", "ViT", "patchify", "unpatchify"]
 
 POOLINGS: tuple[str, ...] = ("mean", "cls")
 
@@ -70,53 +71,38 @@ def unpatchify(patches: Tensor, patch: int, image_size: int | tuple[int, int], c
     return x.reshape(batch, channels, height, width)  # (B, C, H, W)
 
 
-@dataclass
-class ViTConfig:
-    """Every choice of the model.
+@dataclass(frozen=True)
+class ViTArchitecture:
+    """Every choice of :class:`ViT` that depends neither on the images nor on the attention variant.
+
+    :class:`ViTConfig` adds those that do; an experiment's settings
+    (:class:`pba.experiments.mnist.MnistSettings`) add the training protocol.
 
     Attributes:
-        image_size: side of the square input images (28 for MNIST).
-        patch_size: side of the square patches; must divide ``image_size``. On 28x28 images, 7 gives
+        patch_size: side of the square patches; must divide the image size. On 28x28 images, 7 gives
             16 tokens and 4 gives 49.
-        channels: input channels (1 for MNIST).
-        n_classes: outputs of the head.
         d_model, n_layers, n_heads: width, depth, heads; ``n_heads`` must divide ``d_model``.
         mlp_ratio: the MLP's hidden width is ``mlp_ratio * d_model``.
-        dropout: dropout after the embedding and on each residual branch (0 by default: the runs
-            are a few epochs long and do not overfit).
-        variant: the attention variant, one of :data:`pba.VARIANTS`.
         pooling: how the tokens become one vector. ``"mean"`` (default) averages the patch tokens,
             so the sequence attention sees is exactly the ``N`` patches and super attention's
             ``W^A`` is ``N x N``, every row and column a patch position. ``"cls"`` prepends a learned
             class token and reads it out, as the original ViT: the length becomes ``N + 1`` and
             ``W^A`` gets a row and a column (index 0) that belong to no patch.
-        attention_options: passed to :func:`pba.attention.make_attention` (``bias``, ``softmax_over``,
-            ``wa_sharing``, ``wa_bias``, ``fused``...). ``context_length`` is set by the model.
+        dropout: dropout after the embedding and on each residual branch (0 by default: the runs
+            are a few epochs long and do not overfit).
     """
 
-    image_size: int = 28
     patch_size: int = 7
-    channels: int = 1
-    n_classes: int = 10
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     mlp_ratio: int = 2
-    dropout: float = 0.0
-    variant: str = "standard"
     pooling: str = "mean"
-    attention_options: dict[str, Any] = field(default_factory=dict)
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        sizes = ("image_size", "patch_size", "channels", "n_classes", "d_model", "n_layers", "n_heads", "mlp_ratio")
-        for name in sizes:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"patch_size must divide image_size={self.image_size}, got patch_size={self.patch_size}"
-            )
+        for name in ("patch_size", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+            check_positive_int(name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model must be divisible by n_heads, got d_model={self.d_model}, n_heads={self.n_heads}"
@@ -124,10 +110,43 @@ class ViTConfig:
         dropout = self.dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a float in [0, 1), got {self.dropout!r}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+    def architecture(self) -> dict[str, Any]:
+        """This object's :class:`ViTArchitecture` fields (also of a subclass), by name."""
+        return {f.name: getattr(self, f.name) for f in fields(ViTArchitecture)}
+
+
+@dataclass(frozen=True)
+class ViTConfig(ViTArchitecture):
+    """Every choice of :class:`ViT`: its :class:`ViTArchitecture`, the images, the variant.
+
+    Attributes:
+        image_size: side of the square input images (28 for MNIST).
+        channels: input channels (1 for MNIST).
+        n_classes: outputs of the head.
+        variant: the attention variant, one of :data:`pba.VARIANTS`.
+        attention_options: passed to :func:`pba.attention.make_attention` (``bias``, ``softmax_over``,
+            ``wa_sharing``, ``wa_bias``, ``fused``...). ``context_length`` is set by the model.
+    """
+
+    image_size: int = 28
+    channels: int = 1
+    n_classes: int = 10
+    variant: str = "standard"
+    attention_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("image_size", "channels", "n_classes"):
+            check_positive_int(name, getattr(self, name))
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"patch_size must divide image_size={self.image_size}, got patch_size={self.patch_size}"
+            )
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if not isinstance(self.attention_options, dict):
             raise ValueError(f"attention_options must be a dict, got {type(self.attention_options).__name__}")
         if "context_length" in self.attention_options:
