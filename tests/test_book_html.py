@@ -99,6 +99,21 @@ def test_chapter_renders(browser, server: str, chapter: str) -> None:
         expected = f"https://colab.research.google.com/github/pay-better-attention/pba/blob/main/{chapter}.ipynb"
         assert expected in links, f"{chapter}: Colab links {links}"
 
+    searches = page.evaluate(
+        "() => [...document.querySelectorAll('.search-button-field, .search-button')]"
+        ".filter(e => e.getClientRects().length && getComputedStyle(e).visibility !== 'hidden').length"
+    )
+    assert searches == 1, f"{chapter}: {searches} search boxes visible at 1280 px"
+    title = page.locator(".bd-sidebar-primary .navbar-brand").first
+    if title.count():
+        page.evaluate("() => document.querySelectorAll('.bd-sidebar-primary, .bd-sidebar-primary *').forEach(e => { e.scrollTop = 0 })")
+        box = title.bounding_box()
+        covering = page.evaluate(
+            "([x, y]) => { const e = document.elementFromPoint(x, y); return e ? e.closest('.bd-sidebar-primary') !== null : false }",
+            [box["x"] + box["width"] / 2, box["y"] + 2],
+        )
+        assert covering, f"{chapter}: the top of the site title in the sidebar is covered"
+
     local_errors = [e for e in errors if "net::ERR_FAILED" not in e]
     assert local_errors == [], f"{chapter}: console errors {local_errors}"
     assert not [u for u in external if "mathjax" in u.lower()], f"{chapter}: MathJax from a CDN: {external}"

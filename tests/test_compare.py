@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from scipy import stats
 
-from pba.experiments import compare
+from pba.experiments import compare, compare_means
 
 
 def payload(values: dict[str, list[float]], metric: str = "test_acc") -> dict:
@@ -42,3 +42,20 @@ def test_baseline_from_another_file_and_errors() -> None:
         compare(payload({"super": [0.7, 0.71], "standard": [0.7]}), "super")
     with pytest.raises(ValueError, match="metric must be one of"):
         compare(payload({"super": [0.7, 0.71]}), "super", metric="val_bpc")
+
+
+def test_compare_means_from_summaries_equals_welch_on_the_runs() -> None:
+    import statistics
+
+    ours, theirs = [0.74, 0.75, 0.73, 0.76, 0.745], [0.72, 0.73, 0.725, 0.715, 0.74]
+    summary = compare_means(
+        (statistics.fmean(ours), statistics.stdev(ours), 5), (statistics.fmean(theirs), statistics.stdev(theirs), 5),
+        variant="super", baseline="published",
+    )
+    interval = stats.ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
+    assert (summary.low, summary.high) == pytest.approx((interval.low, interval.high), rel=1e-9)
+    assert summary.baseline == "published" and summary.verdict == "better"
+    with pytest.raises(ValueError, match="ours must hold at least 2 runs, got 1"):
+        compare_means((0.7, 0.01, 1), (0.7, 0.01, 5), variant="a", baseline="b")
+    with pytest.raises(ValueError, match="theirs's standard deviation must be >= 0"):
+        compare_means((0.7, 0.01, 5), (0.7, -1.0, 5), variant="a", baseline="b")

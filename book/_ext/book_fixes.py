@@ -8,6 +8,8 @@
   are redundant by definition, so we keep the first of each.
 * sphinx-book-theme leaves the pydata theme's ``default_mode`` empty, which the theme's script
   reports as "invalid theme mode" on a first visit. We set it to ``auto`` (its own fallback).
+* ``_static/pba.css`` hides the pydata theme's header bar on wide screens, where it only repeats
+  the sidebar's search box (see the file).
 """
 
 from __future__ import annotations
@@ -30,5 +32,6 @@ def _fix_page(app, pagename, templatename, context, doctree) -> None:
 
 def setup(app):
     app.set_html_assets_policy("always")
+    app.add_css_file("pba.css")
     app.connect("html-page-context", _fix_page, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

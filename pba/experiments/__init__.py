@@ -9,7 +9,7 @@ results file into a table, statistics and figures.
 from .imdb import QUIRKS, ImdbSettings, run_grid, run_one, run_stack
 from .mnist import MnistSettings
 from .shakespeare import ShakespeareSettings
-from .summary import compare, load_results, summarise
+from .summary import compare, compare_means, load_results, summarise
 
 __all__ = [
     "QUIRKS",
@@ -21,5 +21,6 @@ __all__ = [
     "run_stack",
     "summarise",
     "compare",
+    "compare_means",
     "load_results",
 ]

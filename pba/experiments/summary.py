@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 
-__all__ = ["REFERENCE", "METRICS", "Comparison", "compare", "summarise", "format_table", "plot_results", "load_results"]
+__all__ = ["REFERENCE", "METRICS", "Comparison", "compare", "compare_means", "summarise", "format_table", "plot_results", "load_results"]
 
 #: The reference reimplementation's published means (sd) of 5 runs, PyTorch, seed protocol, and
 #: its own script rerun on our copy of the data (means only).
@@ -74,17 +74,41 @@ def compare(
     for name, values in ((variant, ours), (baseline, theirs)):
         if len(values) < 2:
             raise ValueError(f"{name} needs at least 2 runs to compare, got {len(values)}")
+    return compare_means(
+        (statistics.fmean(ours), statistics.stdev(ours), len(ours)),
+        (statistics.fmean(theirs), statistics.stdev(theirs), len(theirs)),
+        variant=variant, baseline=baseline, metric=metric,
+    )
+
+
+def compare_means(
+    ours: tuple[float, float, int],
+    theirs: tuple[float, float, int],
+    *,
+    variant: str,
+    baseline: str,
+    metric: str = "test_acc",
+) -> Comparison:
+    """:func:`compare` from summaries, ``(mean, sample sd, runs)`` each: for a published table
+    that gives only those (the reference's means and sds of 5 runs, :data:`REFERENCE`)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
+    for name, (_, sd, n) in (("ours", ours), ("theirs", theirs)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"{name} must hold at least 2 runs, got {n!r}")
+        if not sd >= 0:
+            raise ValueError(f"{name}'s standard deviation must be >= 0, got {sd!r}")
     from scipy import stats
 
-    mean_ours, mean_theirs = statistics.fmean(ours), statistics.fmean(theirs)
-    var_ours, var_theirs = statistics.variance(ours) / len(ours), statistics.variance(theirs) / len(theirs)
+    (mean_ours, sd_ours, n_ours), (mean_theirs, sd_theirs, n_theirs) = ours, theirs
+    var_ours, var_theirs = sd_ours**2 / n_ours, sd_theirs**2 / n_theirs
     se = (var_ours + var_theirs) ** 0.5
     difference = mean_ours - mean_theirs
     if se == 0:
         low = high = difference
         p = 1.0 if difference == 0 else 0.0
     else:
-        dof = se**4 / (var_ours**2 / (len(ours) - 1) + var_theirs**2 / (len(theirs) - 1))
+        dof = se**4 / (var_ours**2 / (n_ours - 1) + var_theirs**2 / (n_theirs - 1))
         half = float(stats.t.ppf(0.975, dof)) * se
         low, high = difference - half, difference + half
         p = float(2 * stats.t.sf(abs(difference) / se, dof))
@@ -93,7 +117,7 @@ def compare(
         verdict = "better" if sign * difference > 0 else "worse"
     else:
         verdict = "no detectable difference"
-    return Comparison(variant, baseline, metric, (len(ours), len(theirs)), difference, se, low, high, p, verdict)
+    return Comparison(variant, baseline, metric, (n_ours, n_theirs), difference, se, low, high, p, verdict)
 
 
 #: How each metric a summary can compare is printed: its label and its factor (accuracy in percent).
