@@ -44,10 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import pba
+from pba.benchmark import require_at_least, speedup_interval
 from pba.costs import macs
 from pba.experiments.grid import environment
 from pba.experiments.shakespeare import ShakespeareSettings
-from pba.files import write_json_atomic
+from pba.files import write_json_atomic, write_text_atomic
 from pba.models import GPT, GPTConfig
 from pba.train import AutogradEngine, LanguageModeling
 
@@ -176,6 +177,36 @@ def check_same_function() -> float:
         return (plain(ids) - ours(ids)).abs().max().item()
 
 
+def profile_difference(steps: int = 20, rows: int = 15) -> str:
+    """Where the plain model and pba's standard GPT differ, operator by operator (``torch.profiler``).
+
+    Both run ``steps`` training iterations after a short warm-up; the table lists the operators
+    whose self CPU time differs most (microseconds per iteration, calls per iteration), and the
+    totals, with the number of parameter tensors each model hands to AdamW and clipping.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    measured, tensors = {}, {}
+    for name in ("plain", "standard"):
+        trainer = Trainer(name, seed=0)
+        trainer.steps(5)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.steps(steps)
+        measured[name] = {e.key: (e.self_cpu_time_total / steps, e.count / steps) for e in prof.key_averages()}
+        tensors[name] = sum(1 for _ in trainer.model.parameters())
+    keys = sorted(set(measured["plain"]) | set(measured["standard"]),
+                  key=lambda k: -abs(measured["standard"].get(k, (0, 0))[0] - measured["plain"].get(k, (0, 0))[0]))
+    lines = [f"{'operator':<48} {'plain us':>9} {'calls':>6} {'pba us':>9} {'calls':>6} {'pba - plain':>11}"]
+    for key in keys[:rows]:
+        (a, na), (b, nb) = measured["plain"].get(key, (0.0, 0.0)), measured["standard"].get(key, (0.0, 0.0))
+        lines.append(f"{key[:48]:<48} {a:>9.1f} {na:>6.1f} {b:>9.1f} {nb:>6.1f} {b - a:>+11.1f}")
+    totals = {n: (sum(t for t, _ in m.values()), sum(c for _, c in m.values())) for n, m in measured.items()}
+    lines.append(f"{'all operators (self time, calls per iteration)':<48} {totals['plain'][0]:>9.1f} {totals['plain'][1]:>6.0f} "
+                 f"{totals['standard'][0]:>9.1f} {totals['standard'][1]:>6.0f} {totals['standard'][0] - totals['plain'][0]:>+11.1f}")
+    lines.append(f"parameter tensors (AdamW, clipping): plain {tensors['plain']}, pba {tensors['standard']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,12 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="iterations per contender per round (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per contender first (default 5)")
     parser.add_argument("--out", help="also write the results as JSON, e.g. results/bench-gpt-speed.json")
+    parser.add_argument("--profile-out", help="also profile plain against pba's standard GPT, e.g. results/profile-gpt-step.txt")
     args = parser.parse_args(argv)
-    for name in ("threads", "rounds", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        parser.error(f"--warmup must be at least 0, got {args.warmup}")
+    require_at_least(parser, args, {"threads": 1, "rounds": 2, "steps": 1, "warmup": 0})  # two rounds for an interval
     torch.set_num_threads(args.threads)
     command = "python benchmarks/gpt_speed.py " + " ".join(shlex.quote(a) for a in argv)
     print("command: " + command)
@@ -238,10 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['gmacs_per_second']:>7.1f}"
         )
     speedup = median["plain"] / median["standard"]
+    low, high, verdict = speedup_interval(times["plain"], times["standard"])
     print(
         f"\npba standard vs plain nanoGPT-style: speed-up {speedup:.3f}x (ratio of medians), "
         f"{paired:.3f}x (median of per-round ratios); >= 1 means pba trains at least as fast"
     )
+    print(f"95 % interval of the speed-up (geometric mean of the {args.rounds} per-round ratios): "
+          f"{low:.3f} to {high:.3f}: {verdict}")
     if args.out:
         machine = environment("cpu")
         machine["threads"] = args.threads
@@ -258,11 +289,23 @@ def main(argv: list[str] | None = None) -> int:
             "same_weights_max_logit_difference": difference,
             "speedup_standard_over_plain": speedup,
             "speedup_standard_over_plain_paired": paired,
+            "speedup_interval_95": [low, high],
+            "speedup_verdict": verdict,
             "rows": rows,
         }
         write_json_atomic(Path(args.out), payload)
         print(f"wrote {args.out}")
+    if args.profile_out:
+        text = profile_difference()
+        print("\n" + text)
+        write_text_atomic(Path(args.profile_out), f"command: {command}\n{machine_line(args.threads)}\n\n{text}\n")
+        print(f"wrote {args.profile_out}")
     return 0
+
+
+def machine_line(threads: int) -> str:
+    machine = environment("cpu")
+    return f"{machine['processor']}, {threads} thread(s), torch {machine['torch']}, {machine['date']}"
 
 
 if __name__ == "__main__":

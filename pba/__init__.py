@@ -14,6 +14,7 @@ from . import costs, data, models, train
 from .attention import (
     VARIANTS,
     EfficientAttention,
+    KVCache,
     OptimisedAttention,
     StandardAttention,
     SuperAttention,
@@ -21,7 +22,7 @@ from .attention import (
 )
 from .interop import MultiheadAttentionAdapter, from_torch, to_torch
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "VARIANTS",
@@ -30,6 +31,7 @@ __all__ = [
     "EfficientAttention",
     "SuperAttention",
     "make_attention",
+    "KVCache",
     "from_torch",
     "to_torch",
     "MultiheadAttentionAdapter",

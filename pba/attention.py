@@ -29,6 +29,7 @@ This module depends on ``torch`` alone: the layers can be lifted into any model.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "VARIANTS",
+    "KVCache",
     "StandardAttention",
     "OptimisedAttention",
     "EfficientAttention",
@@ -53,6 +55,30 @@ VARIANTS: tuple[str, ...] = ("standard", "optimised", "efficient", "super")
 
 SoftmaxOver = Literal["keys", "queries"]
 WaSharing = Literal["layer", "head"]
+
+
+@dataclass
+class KVCache:
+    """What one attention layer keeps between decoding steps (:meth:`StandardAttention.decode`).
+
+    In causal self-attention the keys and values of earlier positions never change when a token is
+    appended, so they are computed once. Super attention also keeps its inputs: ``W^A`` acts
+    lower-triangular, so earlier value rows do not change either, but each new row
+    ``sum_{m <= t} W^A[t, m] x_m`` mixes every earlier input.
+
+    Attributes:
+        keys, values: ``(B, h, t, d_k)``, every head's keys and values of the ``t`` positions so far.
+        inputs: ``(B, t, d_model)``, the layer's inputs (super attention only, else ``None``).
+    """
+
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    inputs: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        """``t``, the number of positions cached."""
+        return 0 if self.keys is None else self.keys.shape[2]
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -338,6 +364,43 @@ class StandardAttention(nn.Module):
             out = out[0]
             weights = None if weights is None else weights[0]
         return (out, weights) if need_weights else out
+
+    def decode(self, x: Tensor, cache: KVCache) -> Tensor:
+        """Causal self-attention for ``x`` ``(B, n, d_model)``, the ``n`` tokens after those in ``cache``.
+
+        Returns their outputs ``(B, n, d_model)``, equal up to rounding to the last ``n`` rows of
+        ``forward(sequence, is_causal=True)`` on the whole sequence, and appends their keys and
+        values to ``cache`` (an empty :class:`KVCache` starts a sequence). Each step projects only
+        the new tokens, where ``forward`` would project every earlier token again.
+        """
+        if self.softmax_over != "keys":
+            raise ValueError(_CAUSAL_NEEDS_KEYS)
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a pba.KVCache, got {type(cache).__name__}")
+        self._check_tensor("x", x, unbatched=False)
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (batch, n, d_model={self.d_model}), got {tuple(x.shape)}")
+        start, (batch, n) = cache.length, x.shape[:2]
+        if cache.keys is not None and cache.keys.shape[0] != batch:
+            raise ValueError(f"x has batch size {batch} but the cache holds {cache.keys.shape[0]} sequences")
+        q = split_heads(self.project_query(x), self.n_heads)  # (B, h, n, d_k)
+        k = split_heads(self.project_key(x), self.n_heads)  # (B, h, n, d_k)
+        inputs = None
+        if self.learns_token_mixing:  # W^A mixes every earlier input into each new value row
+            inputs = x if cache.inputs is None else torch.cat((cache.inputs, x), dim=1)  # (B, t + n, d_model)
+            v = split_heads(self.project_value_rows(inputs, start), self.n_heads)  # type: ignore[attr-defined]
+        else:
+            v = split_heads(self.project_value(x, is_causal=True), self.n_heads)  # (B, h, n, d_k)
+        keys = k if cache.keys is None else torch.cat((cache.keys, k), dim=2)  # (B, h, t + n, d_k)
+        values = v if cache.values is None else torch.cat((cache.values, v), dim=2)
+        dropout_p = self.dropout if self.training else 0.0
+        if n == 1:  # the newest token reads every position so far: no mask
+            heads = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p)
+        else:  # the new tokens are the last n positions of the keys' sequence
+            allowed, additive = _score_masks(None, None, True, n, start + n, q.device)
+            heads = self._fused_heads(q, keys, values, allowed, additive, dropout_p)
+        cache.keys, cache.values, cache.inputs = keys, values, inputs
+        return self.out_proj(merge_heads(heads))  # (B, n, d_model)
 
     def _explicit_heads(
         self,
@@ -656,16 +719,29 @@ class SuperAttention(EfficientAttention):
         return wa.tril() if is_causal else wa
 
     def project_value(self, value: Tensor, is_causal: bool) -> Tensor:
-        length = value.shape[1]
-        wa = self.effective_wa(length, is_causal)
+        return self._mix(value, self.effective_wa(value.shape[1], is_causal), first_row=0)
+
+    def project_value_rows(self, inputs: Tensor, first_row: int) -> Tensor:
+        """Rows ``first_row, ...`` of causal ``W^A X`` for ``X = inputs`` ``(B, L, d_model)`` (decoding)."""
+        if inputs.shape[1] > self.context_length:
+            raise ValueError(
+                f"super attention decodes at most context_length={self.context_length} positions, "
+                f"got {inputs.shape[1]}"
+            )
+        wa = self.effective_wa(inputs.shape[1], is_causal=True)[..., first_row:, :]
+        return self._mix(inputs, wa, first_row)
+
+    def _mix(self, value: Tensor, wa: Tensor, first_row: int) -> Tensor:
+        """``W^A X`` (plus the ``W^A`` bias) for the rows of ``wa``, which start at ``first_row``."""
+        rows = slice(first_row, first_row + wa.shape[-2])
         if self.wa_sharing == "layer":
             mixed = wa @ value  # (L, L) @ (B, L, d_model): W^A X, all heads at once
             if self.wa_bias is not None:
-                mixed = mixed + self.wa_bias[:length, None]
+                mixed = mixed + self.wa_bias[rows, None]
             return mixed
         heads = wa @ split_heads(value, self.n_heads)  # (h, L, L) @ (B, h, L, d_k): W^A_i X_i
         if self.wa_bias is not None:
-            heads = heads + self.wa_bias[:, :length, None]
+            heads = heads + self.wa_bias[:, rows, None]
         return merge_heads(heads)
 
     def _check_inputs(

@@ -8,6 +8,9 @@ multiply-add ratios that :mod:`pba.costs` predicts, and peak memory.
 
 from __future__ import annotations
 
+import argparse
+
+import math
 import statistics
 import time
 from pathlib import Path
@@ -18,7 +21,7 @@ from torch import nn
 from .attention import VARIANTS, make_attention
 from .costs import macs
 
-__all__ = ["CONTENDERS", "TOKENS_PER_BATCH", "bench_shape", "shape_memory"]
+__all__ = ["CONTENDERS", "TOKENS_PER_BATCH", "bench_shape", "shape_memory", "speedup_interval", "require_at_least"]
 
 CONTENDERS = ("torch_mha", *VARIANTS)
 TOKENS_PER_BATCH = 8192  # batch = tokens / length, so every shape does comparable work
@@ -164,3 +167,31 @@ def bench_shape(
     return row
 
 
+
+
+def speedup_interval(baseline: list[float], ours: list[float]) -> tuple[float, float, str]:
+    """Student's 95 % interval for the speed-up ``baseline / ours`` from paired per-round times.
+
+    Each round times both side by side, so its ratio cancels the machine's drift; the interval is
+    for the geometric mean of the rounds' ratios (a t-interval of their logarithms). The verdict
+    follows the book's rule: ``"faster"`` or ``"slower"`` only when the interval excludes 1, else
+    ``"no detectable difference"``.
+    """
+    if len(baseline) != len(ours) or len(ours) < 2:
+        raise ValueError(f"need two equally long lists of at least 2 rounds, got {len(baseline)} and {len(ours)}")
+    from scipy import stats
+
+    logs = [math.log(b / o) for b, o in zip(baseline, ours)]
+    half = float(stats.t.ppf(0.975, len(logs) - 1)) * statistics.stdev(logs) / math.sqrt(len(logs))
+    low, high = math.exp(statistics.fmean(logs) - half), math.exp(statistics.fmean(logs) + half)
+    verdict = "faster" if low > 1 else "slower" if high < 1 else "no detectable difference"
+    return low, high, verdict
+
+
+def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]) -> None:
+    """A benchmark script's check of its counts: ``parser.error`` (one line, exit 2) for the first
+    option below its minimum, e.g. ``{"threads": 1, "rounds": 2}``."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value < minimum:
+            parser.error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")

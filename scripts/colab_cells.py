@@ -28,7 +28,7 @@ from pba import __version__  # noqa: E402
 REPOSITORY = "https://github.com/pay-better-attention/pba"
 #: Packages a chapter needs that neither pba nor Colab provides.
 EXTRA: dict[str, tuple[str, ...]] = {
-    "06_imdb": ("ninja",),  # torch compiles the C++ training step with it; Colab has g++ but not ninja
+    "07_speed": ("ninja",),  # torch compiles the C++ training step with it; Colab has g++ but not ninja
 }
 TAGS = ["nbval-skip", "skip-execution"]  # neither CI nor the book build runs it
 

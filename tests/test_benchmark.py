@@ -73,3 +73,36 @@ def test_committed_results_name_their_command() -> None:
         payload = json.loads(path.read_text())
         assert payload.get("command", "").startswith("python "), path.name
         assert os.stat(path).st_mode & 0o044, f"{path.name} is not readable by others"
+
+
+def test_speedup_interval_is_the_t_interval_of_the_log_ratios() -> None:
+    import math
+
+    from scipy import stats
+
+    from pba.benchmark import speedup_interval
+
+    plain = [1.00, 1.02, 0.98, 1.01, 0.99, 1.03]
+    ours = [1.05, 1.06, 1.02, 1.04, 1.05, 1.07]
+    logs = [math.log(p / o) for p, o in zip(plain, ours)]
+    interval = stats.ttest_1samp(logs, 0.0).confidence_interval(0.95)
+    low, high, verdict = speedup_interval(plain, ours)
+    assert (low, high) == pytest.approx((math.exp(interval.low), math.exp(interval.high)), rel=1e-12)
+    assert verdict == "slower" and high < 1
+    assert speedup_interval(ours, plain)[2] == "faster"
+    assert speedup_interval([1.0, 1.1, 0.9], [1.0, 0.9, 1.1])[2] == "no detectable difference"
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        speedup_interval([1.0], [1.0])
+
+
+def test_require_at_least_names_the_option(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from pba.benchmark import require_at_least
+
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--warm-up", type=int, dest="warm_up")
+    require_at_least(parser, parser.parse_args(["--warm-up", "0"]), {"warm_up": 0})  # at the minimum: fine
+    with pytest.raises(SystemExit) as stop:
+        require_at_least(parser, parser.parse_args(["--warm-up", "-1"]), {"warm_up": 0})
+    assert stop.value.code == 2 and "bench: error: --warm-up must be at least 0, got -1" in capsys.readouterr().err

@@ -103,6 +103,59 @@ def test_generate(variant: str) -> None:
     assert not model.training and generate(model, prompt, 0).shape == (2, 5)
 
 
+# -------------------------------------------------------------------------- key/value cache
+LAYER_CASES = [(v, {}) for v in pba.VARIANTS] + [("super", {"wa_bias": True}), ("super", {"wa_sharing": "head"})]
+
+
+@pytest.mark.parametrize(("variant", "options"), LAYER_CASES, ids=lambda c: str(c))
+def test_layer_decode_in_chunks_equals_the_causal_forward(variant: str, options: dict) -> None:
+    torch.manual_seed(0)
+    extra = {"context_length": 12, **options} if variant == "super" else {}
+    layer = pba.make_attention(variant, 16, 4, **extra).eval()
+    with torch.no_grad():
+        for param in layer.parameters():  # any weights: super's W^A full, a non-zero W^A bias
+            param.add_(0.1 * torch.randn_like(param))
+    x = torch.randn(2, 10, 16)
+    cache = pba.KVCache()
+    chunks = [(0, 3), (3, 4), (4, 5), (5, 7), (7, 10)]  # a prompt, single tokens, a chunk
+    out = torch.cat([layer.decode(x[:, a:b], cache) for a, b in chunks], dim=1)
+    torch.testing.assert_close(out, layer(x, is_causal=True), atol=1e-6, rtol=1e-5)
+    assert cache.length == 10 and cache.keys.shape == (2, 4, 10, 4)
+    assert (cache.inputs is not None) == (variant == "super")  # only super needs its inputs again
+
+
+def test_layer_decode_rejects_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="softmax"):
+        pba.StandardAttention(8, 2, softmax_over="queries").decode(torch.randn(1, 1, 8), pba.KVCache())
+    layer = pba.SuperAttention(8, 2, context_length=4)
+    cache = pba.KVCache()
+    layer.decode(torch.randn(1, 4, 8), cache)
+    with pytest.raises(ValueError, match="at most context_length=4 positions, got 5"):
+        layer.decode(torch.randn(1, 1, 8), cache)
+    with pytest.raises(ValueError, match="batch size 3 but the cache holds 1"):
+        layer.decode(torch.randn(3, 1, 8), cache)
+    with pytest.raises(TypeError, match="cache must be a pba.KVCache"):
+        layer.decode(torch.randn(1, 1, 8), {})
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_model_decode_equals_forward_and_cached_generation_the_uncached(variant: str) -> None:
+    torch.manual_seed(0)
+    model = tiny(variant).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    caches = model.new_caches()
+    with torch.no_grad():
+        logits = torch.cat([model.decode(ids[:, :9], caches), model.decode(ids[:, 9:10], caches), model.decode(ids[:, 10:], caches)], 1)
+        torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="more than block_size=16"):
+        model.decode(ids[:, :1], caches)
+    prompt = ids[:, :3]
+    for options in ({"top_k": 1}, {"temperature": 0.8}):  # greedy, and sampled with one seed
+        cached = generate(model, prompt, 30, generator=torch.Generator().manual_seed(5), **options)  # past block_size
+        plain = generate(model, prompt, 30, generator=torch.Generator().manual_seed(5), use_cache=False, **options)
+        assert torch.equal(cached, plain)
+
+
 def test_generate_rejects_bad_arguments() -> None:
     model = tiny("standard")
     prompt = torch.zeros(1, 3, dtype=torch.int64)
@@ -114,6 +167,8 @@ def test_generate_rejects_bad_arguments() -> None:
         generate(model, prompt, -1)
     with pytest.raises(ValueError, match="idx must be an int64 or int32 tensor.*float32"):
         generate(model, prompt.float(), 2)
+    with pytest.raises(TypeError, match="use_cache must be a bool"):
+        generate(model, prompt, 2, use_cache=1)
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)

@@ -6,7 +6,7 @@ describe the three experiments (settings, data, one run); :mod:`pba.experiments.
 results file into a table, statistics and figures.
 """
 
-from .imdb import QUIRKS, ImdbSettings, run_grid, run_one, run_stack
+from .imdb import QUIRKS, ImdbSettings, run_grid, run_one, run_stack, train_one
 from .mnist import MnistSettings
 from .shakespeare import ShakespeareSettings
 from .summary import compare, compare_means, load_results, summarise
@@ -17,6 +17,7 @@ __all__ = [
     "ShakespeareSettings",
     "MnistSettings",
     "run_grid",
+    "train_one",
     "run_one",
     "run_stack",
     "summarise",

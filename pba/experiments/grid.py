@@ -28,9 +28,9 @@ import torch
 
 from ..attention import VARIANTS
 from ..files import write_json_atomic
-from ..train import fit, pick_device, seed_everything
+from ..train import RunResult, fit, pick_device, seed_everything
 
-__all__ = ["Experiment", "environment", "run_one", "run_stack", "run_grid"]
+__all__ = ["Experiment", "environment", "train_one", "run_one", "run_stack", "run_grid"]
 
 Loader = Callable[[object, "str | None"], object]
 
@@ -70,18 +70,27 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
 
-def run_one(
+def train_one(
     experiment: Experiment, variant: str, seed: int, data: object, settings: object, *,
     device: str = "auto", num_threads: int | None = 1, progress: bool = False,
-) -> dict:
+) -> tuple[torch.nn.Module, RunResult]:
     """One seeded run: the model built right after seeding with ``seed``, trained by
-    :func:`pba.train.fit` (through the settings' engine, if any), evaluated; a JSON-ready dict."""
+    :func:`pba.train.fit` (through the settings' engine, if any); the trained model and its result."""
     _check_variant(variant)
     config = settings.train_config(device, num_threads, progress)  # type: ignore[attr-defined]
     seed_everything(seed)
     model = settings.build_model(variant, data)  # type: ignore[attr-defined]
     engine = settings.make_engine(model, config, seed, device) if hasattr(settings, "make_engine") else None
     result = fit(model, settings.task(data), config, seed=seed, engine=engine)  # type: ignore[attr-defined]
+    return model, result
+
+
+def run_one(
+    experiment: Experiment, variant: str, seed: int, data: object, settings: object, *,
+    device: str = "auto", num_threads: int | None = 1, progress: bool = False,
+) -> dict:
+    """:func:`train_one`, recorded: the run's JSON-ready dict, as a grid stores it."""
+    model, result = train_one(experiment, variant, seed, data, settings, device=device, num_threads=num_threads, progress=progress)
     return {"variant": variant, "seed": seed, **result.to_dict(), **settings.record(model, result, data)}  # type: ignore[attr-defined]
 
 

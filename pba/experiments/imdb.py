@@ -14,7 +14,7 @@ from ..train import BinaryClassification, Engine, RunResult, TrainConfig, pick_d
 from . import grid
 from .grid import environment
 
-__all__ = ["QUIRKS", "ENGINES", "ImdbSettings", "run_one", "run_stack", "run_grid", "environment"]
+__all__ = ["QUIRKS", "ENGINES", "ImdbSettings", "train_one", "run_one", "run_stack", "run_grid", "environment"]
 
 #: The reference reimplementation's choices, each of which the book ablates one at a time.
 QUIRKS: dict[str, object] = {
@@ -115,6 +115,13 @@ class ImdbSettings:
             masked_pooling=self.masked_pooling,
             **options,
         )
+
+
+def train_one(
+    variant: str, seed: int, splits: EncodedSplits, settings: ImdbSettings, **options: object
+) -> tuple[IMDBClassifier, RunResult]:
+    """The trained model of one seeded run and its result (:func:`pba.experiments.grid.train_one`)."""
+    return grid.train_one(EXPERIMENT, variant, seed, splits, settings, **options)  # type: ignore[arg-type,return-value]
 
 
 def run_one(variant: str, seed: int, splits: EncodedSplits, settings: ImdbSettings, **options: object) -> dict:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_positive_int
-from ..attention import VARIANTS, SuperAttention, make_attention
+from ..attention import VARIANTS, KVCache, SuperAttention, make_attention
 
 #: Whether a tensor is a ``torch.func.vmap`` wrapper (functorch's own test; absent: never). The id
 #: range check reads values, which a vmapped tensor cannot give.
@@ -142,6 +142,11 @@ class GPTBlock(nn.Module):
         x = x + self.attn_dropout(self.attn(self.ln_1(x), is_causal=True))  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
+    def decode(self, x: Tensor, cache: KVCache) -> Tensor:
+        """:meth:`forward` for ``x`` ``(B, n, C)``, the positions after those in ``cache`` (which grows)."""
+        x = x + self.attn_dropout(self.attn.decode(self.ln_1(x), cache))  # (B, n, C)
+        return x + self.mlp(self.ln_2(x))  # (B, n, C)
+
 
 def init_causal_wa(wa: Tensor) -> Tensor:
     r"""Fill ``W^A`` (``l x l``) for causal use: row ``t`` uniform with fan-in ``t + 1``, zero above.
@@ -241,6 +246,33 @@ class GPT(nn.Module):
             x = block(x)  # (B, T, C)
         return self.head(self.ln_f(x))  # (B, T, V)
 
+    def new_caches(self) -> list[KVCache]:
+        """One empty :class:`pba.attention.KVCache` per block, for :meth:`decode`."""
+        return [KVCache() for _ in self.blocks]
+
+    def decode(self, ids: Tensor, caches: list[KVCache]) -> Tensor:
+        """Logits ``(B, n, V)`` for ids ``(B, n)`` that continue the sequence held in ``caches``.
+
+        ``caches`` (from :meth:`new_caches`, one per block) hold the keys and values of the ``t``
+        earlier positions and grow by ``n``; the logits equal, up to rounding, the last ``n``
+        positions of :meth:`forward` on the whole sequence. Positions are absolute, so the sequence
+        may not grow past ``block_size``: beyond it, start again from the last ``block_size`` ids.
+        """
+        self.check_ids(ids)
+        if not isinstance(caches, list) or len(caches) != len(self.blocks):
+            raise ValueError(f"caches must be a list of {len(self.blocks)} KVCache (model.new_caches()), got {caches!r:.80}")
+        start, length = caches[0].length, ids.shape[1]
+        if start + length > self.config.block_size:
+            raise ValueError(
+                f"the sequence would reach {start + length} positions, more than block_size="
+                f"{self.config.block_size}; decode the last block_size ids into fresh caches instead"
+            )
+        positions = torch.arange(start, start + length, device=ids.device)  # (n,)
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, n, C)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cache)  # (B, n, C)
+        return self.head(self.ln_f(x))  # (B, n, V)
+
 
 @torch.no_grad()
 def generate(
@@ -251,21 +283,22 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> Tensor:
     """Append ``max_new_tokens`` sampled tokens to each row of ``idx`` ``(B, T0)``: ``(B, T0 + n)``.
 
-    Each step feeds the last ``block_size`` tokens, divides the last position's logits by
-    ``temperature``, keeps the ``top_k`` largest (``top_k=1`` is greedy decoding) and samples with
+    Each step takes the last position's logits, divides them by ``temperature``, keeps the
+    ``top_k`` largest (``top_k=1`` is greedy decoding) and samples with
     ``torch.multinomial(generator=generator)``, so a seeded generator gives the same text every time.
     The model runs in eval mode (no dropout); its mode is restored afterwards.
 
-    No key/value cache: each step recomputes the whole (cropped) context, ``O(block_size)`` times the
-    work a cache would need. A cache would keep, per layer, the keys and values of earlier positions
-    while the context is shorter than ``block_size`` (once it slides, every position's embedding
-    changes and everything is recomputed anyway). For super that works too because ``W^A`` acts
-    lower-triangular: appending token ``t`` adds row ``t`` of ``W^A X``, ``sum_{j<=t} W^A[t, j] x_j``,
-    which mixes all earlier inputs (so the cache must also keep the layer's inputs ``x_j``, or the
-    running rows), while rows ``< t`` do not change and can be cached as they are.
+    With ``use_cache`` (default) the prompt is run once and every later step feeds only the newest
+    token, reusing each layer's keys and values (:meth:`GPT.decode`, :class:`pba.attention.KVCache`); for super
+    attention the cache also keeps the layers' inputs, because a new value row
+    ``sum_{m <= t} W^A[t, m] x_m`` mixes all of them (earlier rows never change: ``W^A`` acts
+    lower-triangular). Positions are absolute, so once the text outgrows ``block_size`` every step
+    runs the last ``block_size`` tokens through :meth:`GPT.forward`, as ``use_cache=False`` always
+    does. Both give the same logits up to rounding, so rarely (a near tie) a different token.
     """
     if not isinstance(model, GPT):
         raise TypeError(f"model must be a pba.models.GPT, got {type(model).__name__}")
@@ -277,13 +310,24 @@ def generate(
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {type(use_cache).__name__}")
     block_size = model.config.block_size
     model.check_ids(idx[:, -block_size:] if isinstance(idx, Tensor) and idx.dim() == 2 else idx, name="idx")
     was_training = model.training
     model.eval()
     try:
+        caches = None
         for _ in range(max_new_tokens):
-            logits = model(idx[:, -block_size:])[:, -1, :] / temperature  # (B, V)
+            if use_cache and idx.shape[1] <= block_size:
+                if caches is None:  # the prompt, once
+                    caches = model.new_caches()
+                    logits = model.decode(idx, caches)[:, -1, :]  # (B, V)
+                else:  # only the newest token
+                    logits = model.decode(idx[:, -1:], caches)[:, -1, :]
+            else:
+                logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
+            logits = logits / temperature
             if top_k is not None and top_k < logits.shape[-1]:
                 kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
                 logits = logits.masked_fill(logits < kth, float("-inf"))
