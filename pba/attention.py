@@ -57,28 +57,34 @@ SoftmaxOver = Literal["keys", "queries"]
 WaSharing = Literal["layer", "head"]
 
 
-@dataclass
+@dataclass(eq=False)  # caches compare by identity: their tensors have no single truth value
 class KVCache:
     """What one attention layer keeps between decoding steps (:meth:`StandardAttention.decode`).
 
     In causal self-attention the keys and values of earlier positions never change when a token is
-    appended, so they are computed once. Super attention also keeps its inputs: ``W^A`` acts
-    lower-triangular, so earlier value rows do not change either, but each new row
-    ``sum_{m <= t} W^A[t, m] x_m`` mixes every earlier input.
+    appended, so they are computed once. That holds for super attention too: ``W^A`` acts
+    lower-triangular, so earlier value rows do not change. Each new value row
+    ``sum_{m <= t} W^A[t, m] x_m`` mixes every earlier input, but super attention's keys are its
+    inputs (``K_i = X_i``), so the cached keys serve for that as well.
 
     Attributes:
         keys, values: ``(B, h, t, d_k)``, every head's keys and values of the ``t`` positions so far.
-        inputs: ``(B, t, d_model)``, the layer's inputs (super attention only, else ``None``).
+        layer: the class name of the layer that filled the cache (a cache serves one layer).
     """
 
     keys: Tensor | None = None
     values: Tensor | None = None
-    inputs: Tensor | None = None
+    layer: str | None = None
 
     @property
     def length(self) -> int:
         """``t``, the number of positions cached."""
         return 0 if self.keys is None else self.keys.shape[2]
+
+    def __repr__(self) -> str:
+        if self.keys is None:
+            return "KVCache(empty)"
+        return f"KVCache({self.layer}, length={self.length}, keys={tuple(self.keys.shape)}, dtype={self.keys.dtype})"
 
 
 def split_heads(x: Tensor, n_heads: int) -> Tensor:
@@ -375,32 +381,56 @@ class StandardAttention(nn.Module):
         """
         if self.softmax_over != "keys":
             raise ValueError(_CAUSAL_NEEDS_KEYS)
-        if not isinstance(cache, KVCache):
-            raise TypeError(f"cache must be a pba.KVCache, got {type(cache).__name__}")
         self._check_tensor("x", x, unbatched=False)
-        if x.dim() != 3:
-            raise ValueError(f"x must have shape (batch, n, d_model={self.d_model}), got {tuple(x.shape)}")
-        start, (batch, n) = cache.length, x.shape[:2]
-        if cache.keys is not None and cache.keys.shape[0] != batch:
-            raise ValueError(f"x has batch size {batch} but the cache holds {cache.keys.shape[0]} sequences")
+        self._check_cache(cache, x)
+        start, n = cache.length, x.shape[1]
         q = split_heads(self.project_query(x), self.n_heads)  # (B, h, n, d_k)
         k = split_heads(self.project_key(x), self.n_heads)  # (B, h, n, d_k)
-        inputs = None
-        if self.learns_token_mixing:  # W^A mixes every earlier input into each new value row
-            inputs = x if cache.inputs is None else torch.cat((cache.inputs, x), dim=1)  # (B, t + n, d_model)
-            v = split_heads(self.project_value_rows(inputs, start), self.n_heads)  # type: ignore[attr-defined]
+        if cache.keys is not None and (cache.keys.dtype != k.dtype or cache.keys.device != k.device):
+            raise ValueError(
+                f"cache holds {cache.keys.dtype} keys on {cache.keys.device}, but this call makes {k.dtype} on "
+                f"{k.device}; decode a sequence with one dtype and device (or autocast setting) throughout"
+            )
+        keys = k if cache.keys is None else torch.cat((cache.keys, k), dim=2)  # (B, h, t + n, d_k)
+        if self.learns_token_mixing:  # W^A mixes every earlier input into each new value row; the keys are the inputs
+            v = split_heads(self.project_value_rows(merge_heads(keys), start), self.n_heads)  # type: ignore[attr-defined]
         else:
             v = split_heads(self.project_value(x, is_causal=True), self.n_heads)  # (B, h, n, d_k)
-        keys = k if cache.keys is None else torch.cat((cache.keys, k), dim=2)  # (B, h, t + n, d_k)
         values = v if cache.values is None else torch.cat((cache.values, v), dim=2)
         dropout_p = self.dropout if self.training else 0.0
         if n == 1:  # the newest token reads every position so far: no mask
-            heads = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p)
+            allowed = None
+        elif start == 0:  # a prompt: the usual square causal mask, which the fused kernel takes as a flag
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         else:  # the new tokens are the last n positions of the keys' sequence
-            allowed, additive = _score_masks(None, None, True, n, start + n, q.device)
-            heads = self._fused_heads(q, keys, values, allowed, additive, dropout_p)
-        cache.keys, cache.values, cache.inputs = keys, values, inputs
+            allowed, _ = _score_masks(None, None, True, n, start + n, q.device)
+        if not self.fused:
+            heads, _ = self._explicit_heads(q, keys, values, allowed, None, dropout_p)
+        elif allowed is None or start == 0:
+            heads = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, is_causal=allowed is not None)
+        else:
+            heads = self._fused_heads(q, keys, values, allowed, None, dropout_p)
+        cache.keys, cache.values, cache.layer = keys, values, type(self).__name__  # only now: a failed call changes nothing
         return self.out_proj(merge_heads(heads))  # (B, n, d_model)
+
+    def _check_cache(self, cache: KVCache, x: Tensor) -> None:
+        """``cache`` must be empty or hold this layer's kind of keys and values for ``x``'s batch."""
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a pba.KVCache, got {type(cache).__name__}")
+        if x.shape[1] == 0:
+            raise ValueError("x must hold at least one new token, got length 0")
+        if cache.keys is None:
+            return
+        if cache.layer != type(self).__name__:
+            raise ValueError(f"cache was filled by a {cache.layer}, not a {type(self).__name__}: each layer needs its own KVCache")
+        keys, values = cache.keys, cache.values
+        expected = (x.shape[0], self.n_heads, cache.length, self.d_k)
+        if values is None or tuple(keys.shape) != expected or tuple(values.shape) != expected:
+            got = (tuple(keys.shape), None if values is None else tuple(values.shape))
+            raise ValueError(
+                f"cache must hold keys and values of shape (batch, n_heads, t, d_k) = {expected} for x of batch "
+                f"size {x.shape[0]}, got {got}"
+            )
 
     def _explicit_heads(
         self,
@@ -728,7 +758,8 @@ class SuperAttention(EfficientAttention):
                 f"super attention decodes at most context_length={self.context_length} positions, "
                 f"got {inputs.shape[1]}"
             )
-        wa = self.effective_wa(inputs.shape[1], is_causal=True)[..., first_row:, :]
+        length = inputs.shape[1]
+        wa = self.wa_weight[..., first_row:length, :length].tril(first_row)  # the causal rows asked for
         return self._mix(inputs, wa, first_row)
 
     def _mix(self, value: Tensor, wa: Tensor, first_row: int) -> Tensor:

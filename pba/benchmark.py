@@ -9,7 +9,6 @@ multiply-add ratios that :mod:`pba.costs` predicts, and peak memory.
 from __future__ import annotations
 
 import argparse
-
 import math
 import statistics
 import time
@@ -169,23 +168,27 @@ def bench_shape(
 
 
 
-def speedup_interval(baseline: list[float], ours: list[float]) -> tuple[float, float, str]:
-    """Student's 95 % interval for the speed-up ``baseline / ours`` from paired per-round times.
+def speedup_interval(baseline: list[float], ours: list[float]) -> tuple[float, float, float, str]:
+    """The speed-up ``baseline / ours`` from paired per-round times: estimate, 95 % interval, verdict.
 
-    Each round times both side by side, so its ratio cancels the machine's drift; the interval is
-    for the geometric mean of the rounds' ratios (a t-interval of their logarithms). The verdict
-    follows the book's rule: ``"faster"`` or ``"slower"`` only when the interval excludes 1, else
+    Each round times both side by side, so its ratio cancels the machine's drift. The estimate is
+    the geometric mean of the rounds' ratios and the interval Student's for it (a t-interval of
+    their logarithms, ``len - 1`` degrees of freedom): the paired counterpart of the book's rule.
+    The verdict is ``"faster"`` or ``"slower"`` only when the interval excludes 1, else
     ``"no detectable difference"``.
     """
     if len(baseline) != len(ours) or len(ours) < 2:
         raise ValueError(f"need two equally long lists of at least 2 rounds, got {len(baseline)} and {len(ours)}")
+    if not all(t > 0 for t in (*baseline, *ours)):
+        raise ValueError("every time must be positive")
     from scipy import stats
 
     logs = [math.log(b / o) for b, o in zip(baseline, ours)]
+    centre = statistics.fmean(logs)
     half = float(stats.t.ppf(0.975, len(logs) - 1)) * statistics.stdev(logs) / math.sqrt(len(logs))
-    low, high = math.exp(statistics.fmean(logs) - half), math.exp(statistics.fmean(logs) + half)
+    low, high = math.exp(centre - half), math.exp(centre + half)
     verdict = "faster" if low > 1 else "slower" if high < 1 else "no detectable difference"
-    return low, high, verdict
+    return math.exp(centre), low, high, verdict
 
 
 def require_at_least(parser: argparse.ArgumentParser, args: argparse.Namespace, minimums: dict[str, int]) -> None:

@@ -86,13 +86,16 @@ def test_speedup_interval_is_the_t_interval_of_the_log_ratios() -> None:
     ours = [1.05, 1.06, 1.02, 1.04, 1.05, 1.07]
     logs = [math.log(p / o) for p, o in zip(plain, ours)]
     interval = stats.ttest_1samp(logs, 0.0).confidence_interval(0.95)
-    low, high, verdict = speedup_interval(plain, ours)
+    estimate, low, high, verdict = speedup_interval(plain, ours)
     assert (low, high) == pytest.approx((math.exp(interval.low), math.exp(interval.high)), rel=1e-12)
+    assert estimate == pytest.approx(math.exp(sum(logs) / len(logs)), rel=1e-12) and low < estimate < high
     assert verdict == "slower" and high < 1
-    assert speedup_interval(ours, plain)[2] == "faster"
-    assert speedup_interval([1.0, 1.1, 0.9], [1.0, 0.9, 1.1])[2] == "no detectable difference"
+    assert speedup_interval(ours, plain)[3] == "faster"
+    assert speedup_interval([1.0, 1.1, 0.9], [1.0, 0.9, 1.1])[3] == "no detectable difference"
     with pytest.raises(ValueError, match="at least 2 rounds"):
         speedup_interval([1.0], [1.0])
+    with pytest.raises(ValueError, match="positive"):
+        speedup_interval([1.0, 0.0], [1.0, 1.0])
 
 
 def test_require_at_least_names_the_option(capsys: pytest.CaptureFixture[str]) -> None:

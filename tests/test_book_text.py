@@ -58,7 +58,7 @@ NOT_RESULTS: dict[str, dict[str, str]] = {
     },
 }
 
-RESULT_LIKE = re.compile(r"(?<![\w.,{])(\d[\d,]*\.\d+(?:\s?%)?|\d[\d,]*\s?%)(?!\w)")
+RESULT_LIKE = re.compile(r"(?<![\w.,{])(\d[\d,]*\.\d+(?:\s?%)?|\d[\d,]*\s?%)(?!\.?\d)")  # a unit may follow: 0.96x, 1.5 ms
 
 
 def pages() -> list[Path]:
@@ -116,9 +116,9 @@ def test_no_unglued_result_in_prose(path: Path) -> None:
 def test_the_number_rule_catches_a_typed_result() -> None:
     text = (
         "Accuracy was 73.69 % ({glue:text}`acc:.2f` glued), loss $1.88$ in math, `0.5` in code, "
-        "a ratio of 0.976.\n\n## Exercises\n\n1. Suppose 12.5 %.\n"
+        "a ratio of 0.976, a speed-up of 0.96x.\n\n## Exercises\n\n1. Suppose 12.5 %.\n"
     )
-    assert [m.group(1) for m in RESULT_LIKE.finditer(prose(text))] == ["73.69 %", "0.976"]
+    assert [m.group(1) for m in RESULT_LIKE.finditer(prose(text))] == ["73.69 %", "0.976", "0.96"]
 
 
 def test_every_allowed_number_is_still_used() -> None:
@@ -172,3 +172,11 @@ def test_code_holds_no_myst_markup(path: Path) -> None:
     for cell in nbformat.read(path, as_version=4).cells:
         if cell.cell_type == "code":
             assert not re.search(r"\{(eq|doc|numref|cite|prf:ref|glue:text)\}`", cell.source), (path.name, cell.source[:80])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_chapter_follows_the_template(path: Path) -> None:
+    """Goals first, then the chapter, then a Summary and Exercises, in that order (chapters 1-4's template)."""
+    text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "markdown")
+    positions = [text.find(marker) for marker in (":::{admonition} Goals", "\n## Summary", "\n## Exercises")]
+    assert -1 not in positions and positions == sorted(positions), f"{path.name}: {positions}"

@@ -104,13 +104,17 @@ def test_generate(variant: str) -> None:
 
 
 # -------------------------------------------------------------------------- key/value cache
-LAYER_CASES = [(v, {}) for v in pba.VARIANTS] + [("super", {"wa_bias": True}), ("super", {"wa_sharing": "head"})]
+LAYER_CASES = [(v, {}) for v in pba.VARIANTS] + [(v, {"fused": False}) for v in pba.VARIANTS] + [
+    ("super", {"wa_bias": True}),
+    ("super", {"wa_sharing": "head"}),
+    ("super", {"wa_sharing": "head", "wa_bias": True}),
+]
 
 
 @pytest.mark.parametrize(("variant", "options"), LAYER_CASES, ids=lambda c: str(c))
 def test_layer_decode_in_chunks_equals_the_causal_forward(variant: str, options: dict) -> None:
     torch.manual_seed(0)
-    extra = {"context_length": 12, **options} if variant == "super" else {}
+    extra = {"context_length": 12, **options} if variant == "super" else options
     layer = pba.make_attention(variant, 16, 4, **extra).eval()
     with torch.no_grad():
         for param in layer.parameters():  # any weights: super's W^A full, a non-zero W^A bias
@@ -120,8 +124,43 @@ def test_layer_decode_in_chunks_equals_the_causal_forward(variant: str, options:
     chunks = [(0, 3), (3, 4), (4, 5), (5, 7), (7, 10)]  # a prompt, single tokens, a chunk
     out = torch.cat([layer.decode(x[:, a:b], cache) for a, b in chunks], dim=1)
     torch.testing.assert_close(out, layer(x, is_causal=True), atol=1e-6, rtol=1e-5)
-    assert cache.length == 10 and cache.keys.shape == (2, 4, 10, 4)
-    assert (cache.inputs is not None) == (variant == "super")  # only super needs its inputs again
+    assert cache.length == 10 and cache.keys.shape == cache.values.shape == (2, 4, 10, 4)
+    assert cache.layer == type(layer).__name__ and "length=10" in repr(cache)
+
+
+@pytest.mark.parametrize("variant", pba.VARIANTS)
+def test_layer_decode_under_autocast_and_in_training(variant: str) -> None:
+    torch.manual_seed(0)
+    layer = pba.make_attention(variant, 16, 4, dropout=0.5, **({"context_length": 8} if variant == "super" else {}))
+    x = torch.randn(2, 8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.eval()
+        cache = pba.KVCache()
+        out = torch.cat([layer.decode(x[:, :5], cache), layer.decode(x[:, 5:], cache)], dim=1)
+        torch.testing.assert_close(out.float(), layer(x, is_causal=True).float(), atol=2e-2, rtol=2e-2)
+    layer.train()  # dropout on the attention weights: the shape is all that is defined
+    assert layer.decode(x[:, :3], pba.KVCache()).shape == (2, 3, 16)
+
+
+def test_model_decode_failing_in_a_block_leaves_every_cache_as_it_was() -> None:
+    model = tiny("super").eval()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    caches = model.new_caches()
+    model.decode(ids[:, :3], caches)
+    broken = model.blocks[1].attn
+    broken.project_query = lambda x: (_ for _ in ()).throw(RuntimeError("boom"))  # block 1 fails after block 0 ran
+    with pytest.raises(RuntimeError, match="boom"):
+        model.decode(ids[:, 3:5], caches)
+    del broken.project_query
+    assert [c.length for c in caches] == [3, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(ids[:, 3:], caches), model(ids)[:, 3:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="caches must be a list of 2 KVCache"):
+        model.decode(ids[:, :1], [pba.KVCache(), {}])
+    uneven = model.new_caches()
+    model.blocks[0].attn.decode(torch.randn(1, 1, 32), uneven[0])
+    with pytest.raises(ValueError, match=r"caches must all hold the same positions, got lengths \[1, 0\]"):
+        model.decode(ids[:, :1], uneven)
 
 
 def test_layer_decode_rejects_what_it_cannot_do() -> None:
@@ -132,10 +171,20 @@ def test_layer_decode_rejects_what_it_cannot_do() -> None:
     layer.decode(torch.randn(1, 4, 8), cache)
     with pytest.raises(ValueError, match="at most context_length=4 positions, got 5"):
         layer.decode(torch.randn(1, 1, 8), cache)
-    with pytest.raises(ValueError, match="batch size 3 but the cache holds 1"):
+    with pytest.raises(ValueError, match=r"\(batch, n_heads, t, d_k\) = \(3, 2, 4, 4\) for x of batch size 3, got \(\(1, 2, 4, 4\)"):
         layer.decode(torch.randn(3, 1, 8), cache)
     with pytest.raises(TypeError, match="cache must be a pba.KVCache"):
         layer.decode(torch.randn(1, 1, 8), {})
+    with pytest.raises(ValueError, match="x must hold at least one new token"):
+        layer.decode(torch.randn(1, 0, 8), pba.KVCache())
+    with pytest.raises(ValueError, match="filled by a SuperAttention, not a EfficientAttention"):
+        pba.EfficientAttention(8, 2).decode(torch.randn(1, 1, 8), cache)
+    small = pba.SuperAttention(8, 2, context_length=6)
+    small_cache = pba.KVCache()
+    small.decode(torch.randn(1, 2, 8), small_cache)
+    with pytest.raises(ValueError, match="cache holds torch.float32 keys.*this call makes torch.float64"):
+        small.double().decode(torch.randn(1, 1, 8, dtype=torch.float64), small_cache)
+    assert small_cache.length == 2  # a refused call changes nothing
 
 
 @pytest.mark.parametrize("variant", pba.VARIANTS)
@@ -149,6 +198,8 @@ def test_model_decode_equals_forward_and_cached_generation_the_uncached(variant:
         torch.testing.assert_close(logits, model(ids), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="more than block_size=16"):
         model.decode(ids[:, :1], caches)
+    with pytest.raises(ValueError, match="ids has batch size 3 but the caches hold 2"):
+        model.decode(ids[:1, :1].expand(3, 1), caches)
     prompt = ids[:, :3]
     for options in ({"top_k": 1}, {"temperature": 0.8}):  # greedy, and sampled with one seed
         cached = generate(model, prompt, 30, generator=torch.Generator().manual_seed(5), **options)  # past block_size

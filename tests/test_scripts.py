@@ -94,7 +94,7 @@ def test_imdb_floor_script(tmp_path: Path) -> None:
     assert result["text"] in done.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_floor.py"), "--reps", "0"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "--reps must be a positive int, got 0" in bad.stderr
+    assert bad.returncode == 2 and "--reps must be at least 1, got 0" in bad.stderr
 
 
 def run_manifest(*args: str) -> subprocess.CompletedProcess:

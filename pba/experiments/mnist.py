@@ -20,7 +20,7 @@ from . import grid
 __all__ = ["MnistSettings", "EXPERIMENT", "run_one"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MnistSettings(ViTArchitecture):
     """Everything that determines a run apart from its variant and seed: the model's
     :class:`~pba.models.vit.ViTArchitecture` fields and the protocol below."""

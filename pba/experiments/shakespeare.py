@@ -26,7 +26,7 @@ from . import grid
 __all__ = ["ShakespeareSettings", "EXPERIMENT", "run_one"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ShakespeareSettings(GPTArchitecture):
     """Everything that determines a run apart from its variant and seed: the model's
     :class:`~pba.models.gpt.GPTArchitecture` fields (nanoGPT's CPU model by default) and the

@@ -13,7 +13,8 @@ from .. import __version__
 __all__ = ["REFERENCE", "METRICS", "Comparison", "compare", "compare_means", "summarise", "format_table", "plot_results", "load_results"]
 
 #: The reference reimplementation's published means (sd) of 5 runs, PyTorch, seed protocol, and
-#: its own script rerun on our copy of the data (means only).
+#: its own script rerun on our copy of the data (means only). The reference does not say whether
+#: its sds divide by n or n - 1; :func:`compare_means` takes them as sample sds (n - 1).
 REFERENCE: dict[str, dict[str, float]] = {
     "standard": {"published_mean": 0.7285, "published_sd": 0.0063, "rerun_mean": 0.7171},
     "optimised": {"published_mean": 0.7254, "published_sd": 0.0064, "rerun_mean": 0.7139},

@@ -28,9 +28,12 @@ _is_vmapped = getattr(torch._C._functorch, "is_batchedtensor", lambda tensor: Fa
 __all__ = ["GPTArchitecture", "GPTConfig", "GPTBlock", "GPT", "generate", "init_causal_wa"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GPTArchitecture:
     """Every choice of :class:`GPT` that depends neither on the data nor on the attention variant.
+
+    Every field is keyword-only, here and in the classes that extend it, so that a subclass adding
+    fields cannot shift a positional argument onto another field.
 
     :class:`GPTConfig` adds the two that do (``vocab_size``, ``variant``); an experiment's settings
     (:class:`pba.experiments.shakespeare.ShakespeareSettings`) add the training protocol.
@@ -81,16 +84,16 @@ class GPTArchitecture:
         return {f.name: getattr(self, f.name) for f in fields(GPTArchitecture)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GPTConfig(GPTArchitecture):
     """Every choice of :class:`GPT`: its :class:`GPTArchitecture`, the data's vocabulary, the variant.
 
     Attributes:
-        vocab_size: ``V``, the number of token ids (65 characters for Tiny Shakespeare); keyword only.
+        vocab_size: ``V``, the number of token ids (65 characters for Tiny Shakespeare).
         variant: the attention, one of :data:`pba.VARIANTS`.
     """
 
-    vocab_size: int = field(kw_only=True)
+    vocab_size: int
     variant: str = "standard"
 
     def __post_init__(self) -> None:
@@ -259,18 +262,32 @@ class GPT(nn.Module):
         may not grow past ``block_size``: beyond it, start again from the last ``block_size`` ids.
         """
         self.check_ids(ids)
-        if not isinstance(caches, list) or len(caches) != len(self.blocks):
+        if (
+            not isinstance(caches, list)
+            or len(caches) != len(self.blocks)
+            or not all(isinstance(cache, KVCache) for cache in caches)
+        ):
             raise ValueError(f"caches must be a list of {len(self.blocks)} KVCache (model.new_caches()), got {caches!r:.80}")
+        if len({cache.length for cache in caches}) != 1:
+            raise ValueError(f"caches must all hold the same positions, got lengths {[c.length for c in caches]}")
         start, length = caches[0].length, ids.shape[1]
+        if start and caches[0].keys.shape[0] != ids.shape[0]:
+            raise ValueError(f"ids has batch size {ids.shape[0]} but the caches hold {caches[0].keys.shape[0]} sequences")
         if start + length > self.config.block_size:
             raise ValueError(
                 f"the sequence would reach {start + length} positions, more than block_size="
                 f"{self.config.block_size}; decode the last block_size ids into fresh caches instead"
             )
-        positions = torch.arange(start, start + length, device=ids.device)  # (n,)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, n, C)
-        for block, cache in zip(self.blocks, caches):
-            x = block.decode(x, cache)  # (B, n, C)
+        saved = [(cache.keys, cache.values, cache.layer) for cache in caches]
+        try:
+            positions = torch.arange(start, start + length, device=ids.device)  # (n,)
+            x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, n, C)
+            for block, cache in zip(self.blocks, caches):
+                x = block.decode(x, cache)  # (B, n, C)
+        except BaseException:  # a failure in any block (or an interrupt) leaves every cache as it was
+            for cache, (keys, values, layer) in zip(caches, saved):
+                cache.keys, cache.values, cache.layer = keys, values, layer
+            raise
         return self.head(self.ln_f(x))  # (B, n, V)
 
 

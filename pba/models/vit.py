@@ -71,9 +71,12 @@ def unpatchify(patches: Tensor, patch: int, image_size: int | tuple[int, int], c
     return x.reshape(batch, channels, height, width)  # (B, C, H, W)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ViTArchitecture:
     """Every choice of :class:`ViT` that depends neither on the images nor on the attention variant.
+
+    Every field is keyword-only, here and in the classes that extend it, so that a subclass adding
+    fields cannot shift a positional argument onto another field.
 
     :class:`ViTConfig` adds those that do; an experiment's settings
     (:class:`pba.experiments.mnist.MnistSettings`) add the training protocol.
@@ -118,7 +121,7 @@ class ViTArchitecture:
         return {f.name: getattr(self, f.name) for f in fields(ViTArchitecture)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ViTConfig(ViTArchitecture):
     """Every choice of :class:`ViT`: its :class:`ViTArchitecture`, the images, the variant.
 
@@ -135,7 +138,7 @@ class ViTConfig(ViTArchitecture):
     channels: int = 1
     n_classes: int = 10
     variant: str = "standard"
-    attention_options: dict[str, Any] = field(default_factory=dict)
+    attention_options: dict[str, Any] = field(default_factory=dict, hash=False)  # a dict cannot be hashed
 
     def __post_init__(self) -> None:
         super().__post_init__()
