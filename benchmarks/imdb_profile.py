@@ -23,8 +23,11 @@ import torch
 import torch.nn.functional as F
 
 import pba
+from pba.benchmark import require_at_least
 from pba.data import prepare_imdb
 from pba.experiments import ImdbSettings
+from pba.experiments.grid import environment
+from pba.files import write_text_atomic
 from pba.train import TrainConfig, make_optimizer, seed_everything
 
 
@@ -85,14 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", help="also write what is printed to this text file")
     args = parser.parse_args(argv)
-    if args.steps <= 0:
-        parser.error(f"--steps must be a positive int, got {args.steps}")
+    require_at_least(parser, args, {"steps": 1})
     torch.set_num_threads(1)
     settings = ImdbSettings.with_quirks() if args.settings == "reference" else ImdbSettings()
     ms_per_step, table = profile_steps(args.variant, settings, args.data_dir, args.steps)
+    machine = environment("cpu")
     lines = [
         "command: python benchmarks/imdb_profile.py " + " ".join(shlex.quote(a) for a in argv),
-        f"torch {torch.__version__}, 1 thread, {args.variant}, {args.settings} settings, batch {settings.batch_size}",
+        f"{machine['processor']}, {machine['date'][:10]}; torch {torch.__version__}, 1 thread, {args.variant}, "
+        f"{args.settings} settings, batch {settings.batch_size}",
         f"{ms_per_step:.2f} ms per training step (timed without the profiler, {args.steps} steps)",
         table,
         "batched products with an 8-wide output, B*h = 256 (median us):",
@@ -101,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        out = Path(args.out)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        write_text_atomic(Path(args.out), text + "\n")
     return 0
 
 

@@ -6,7 +6,7 @@ For every backend that is installed (tensorflow, jax, torch) it starts a process
 ``KERAS_BACKEND`` set (Keras fixes its backend at import) and runs
 :func:`pba.keras.parity.torch_parity` for each variant: the largest absolute differences of the
 outputs and of the input gradients against the PyTorch layers, with padding and causal attention.
-Chapter 8 shows the table.
+Chapter 9 shows the table.
 """
 
 from __future__ import annotations

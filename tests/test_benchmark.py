@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pba.benchmark import CONTENDERS, bench_shape
-from pba.experiments.summary import load_results
+from pba.experiments.summary import load_results, read_results
 
 
 def test_bench_shape_reports_every_contender() -> None:
@@ -63,6 +63,8 @@ def test_load_results_reads_the_checkout(tmp_path: Path, monkeypatch: pytest.Mon
     assert load_results("absent.json", missing_ok=True) is None
     with pytest.raises(FileNotFoundError, match="absent.json does not exist"):
         load_results("absent.json")
+    (tmp_path / "results" / "log.txt").write_text("command: x\nline\n")
+    assert read_results("log.txt") == "command: x\nline\n" and read_results("absent.txt", missing_ok=True) is None
 
 
 def test_committed_results_name_their_command() -> None:

@@ -59,7 +59,7 @@ def test_imdb_profile_script(imdb_dir: Path, tmp_path: Path) -> None:
     assert "ms per training step" in text and "aten::bmm" in text and "transposed:" in text
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_profile.py"), "--steps", "0"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and "--steps must be a positive int, got 0" in bad.stderr
+    assert bad.returncode == 2 and "--steps must be at least 1, got 0" in bad.stderr
 
 
 def test_imdb_floor_script(tmp_path: Path) -> None:

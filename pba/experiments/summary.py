@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 
-__all__ = ["REFERENCE", "METRICS", "Comparison", "compare", "compare_means", "summarise", "format_table", "plot_results", "load_results"]
+__all__ = ["REFERENCE", "METRICS", "Comparison", "compare", "compare_means", "summarise", "format_table", "plot_results", "load_results", "read_results"]
 
 #: The reference reimplementation's published means (sd) of 5 runs, PyTorch, seed protocol, and
 #: its own script rerun on our copy of the data (means only). The reference does not say whether
@@ -233,12 +233,11 @@ def find_results_dir() -> Path | None:
     return None
 
 
-def load_results(name: str, *, missing_ok: bool = False) -> dict | None:
-    """Read ``results/<name>`` from this checkout or, outside one (Colab), from GitHub.
+def read_results(name: str, *, missing_ok: bool = False) -> str | None:
+    """The text of ``results/<name>``, from this checkout or, outside one (Colab), from GitHub.
 
     With ``missing_ok`` a file that does not exist gives ``None`` instead of an error.
     """
-    import json
     from urllib.error import HTTPError
     from urllib.request import urlopen
 
@@ -249,11 +248,19 @@ def load_results(name: str, *, missing_ok: bool = False) -> dict | None:
             if missing_ok:
                 return None
             raise FileNotFoundError(f"{path} does not exist; the command that makes it is in scripts/")
-        return json.loads(path.read_text())
+        return path.read_text()
     try:
         with urlopen(RESULTS_URL + name, timeout=30) as response:  # noqa: S310 (a fixed https URL)
-            return json.loads(response.read().decode())
+            return response.read().decode()
     except HTTPError as error:
         if missing_ok and error.code == 404:
             return None
         raise
+
+
+def load_results(name: str, *, missing_ok: bool = False) -> dict | None:
+    """:func:`read_results`, parsed as JSON (a results file or ``None``)."""
+    import json
+
+    text = read_results(name, missing_ok=missing_ok)
+    return None if text is None else json.loads(text)
