@@ -398,12 +398,9 @@ class StandardAttention(nn.Module):
             v = split_heads(self.project_value(x, is_causal=True), self.n_heads)  # (B, h, n, d_k)
         values = v if cache.values is None else torch.cat((cache.values, v), dim=2)
         dropout_p = self.dropout if self.training else 0.0
-        if n == 1:  # the newest token reads every position so far: no mask
-            allowed = None
-        elif start == 0:  # a prompt: the usual square causal mask, which the fused kernel takes as a flag
-            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        else:  # the new tokens are the last n positions of the keys' sequence
-            allowed, _ = _score_masks(None, None, True, n, start + n, q.device)
+        # The newest token alone reads every position so far (no mask); n new tokens are the last n
+        # positions of the keys' sequence (for a prompt, start == 0, the square mask the kernel takes as a flag).
+        allowed = None if n == 1 else _score_masks(None, None, True, n, start + n, q.device)[0]
         if not self.fused:
             heads, _ = self._explicit_heads(q, keys, values, allowed, None, dropout_p)
         elif allowed is None or start == 0:

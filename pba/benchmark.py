@@ -166,8 +166,6 @@ def bench_shape(
     return row
 
 
-
-
 def speedup_interval(baseline: list[float], ours: list[float]) -> tuple[float, float, float, str]:
     """The speed-up ``baseline / ours`` from paired per-round times: estimate, 95 % interval, verdict.
 

@@ -243,11 +243,15 @@ class GPT(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids ``(B, T)``, ``T <= block_size`` -> logits ``(B, T, V)``; position ``t`` reads ids ``<= t``."""
         self.check_ids(ids)
-        positions = torch.arange(ids.shape[1], device=ids.device)  # (T,)
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, T, C)
+        x = self._embed(ids, start=0)  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
         return self.head(self.ln_f(x))  # (B, T, V)
+
+    def _embed(self, ids: Tensor, start: int) -> Tensor:
+        """Token plus position embedding of ``ids`` ``(B, n)`` at positions ``start .. start + n - 1``."""
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)  # (n,)
+        return self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, n, C)
 
     def new_caches(self) -> list[KVCache]:
         """One empty :class:`pba.attention.KVCache` per block, for :meth:`decode`."""
@@ -280,8 +284,7 @@ class GPT(nn.Module):
             )
         saved = [(cache.keys, cache.values, cache.layer) for cache in caches]
         try:
-            positions = torch.arange(start, start + length, device=ids.device)  # (n,)
-            x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, n, C)
+            x = self._embed(ids, start)  # (B, n, C)
             for block, cache in zip(self.blocks, caches):
                 x = block.decode(x, cache)  # (B, n, C)
         except BaseException:  # a failure in any block (or an interrupt) leaves every cache as it was
@@ -310,10 +313,10 @@ def generate(
     The model runs in eval mode (no dropout); its mode is restored afterwards.
 
     With ``use_cache`` (default) the prompt is run once and every later step feeds only the newest
-    token, reusing each layer's keys and values (:meth:`GPT.decode`, :class:`pba.attention.KVCache`); for super
-    attention the cache also keeps the layers' inputs, because a new value row
-    ``sum_{m <= t} W^A[t, m] x_m`` mixes all of them (earlier rows never change: ``W^A`` acts
-    lower-triangular). Positions are absolute, so once the text outgrows ``block_size`` every step
+    token, reusing each layer's keys and values (:meth:`GPT.decode`,
+    :class:`pba.attention.KVCache`). That holds for super attention too: earlier value rows never
+    change (``W^A`` acts lower-triangular), and a new row ``sum_{m <= t} W^A[t, m] x_m`` is mixed
+    from the cached keys, which are its inputs. Positions are absolute, so once the text outgrows ``block_size`` every step
     runs the last ``block_size`` tokens through :meth:`GPT.forward`, as ``use_cache=False`` always
     does. Both give the same logits up to rounding, so rarely (a near tie) a different token.
     """
