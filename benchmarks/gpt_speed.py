@@ -11,13 +11,19 @@ width 128, tied head, biases, no dropout). Contenders, timed side by side in one
     for ``W^Q, W^K, W^V`` together, ``F.scaled_dot_product_attention(is_causal=True)``, the same
     shapes, initialisation, tied head and AdamW parameter groups. It is the baseline the
     requirement names: pba's GPT with the standard variant must train at least as fast.
+``plain-apart``
+    The plain model with ``W^Q, W^K, W^V`` as three ``nn.Linear`` layers, the layout pba keeps
+    (:class:`PlainAttentionApart`). It is not a requirement but a diagnosis: against ``plain`` it
+    measures what the layout costs, and against pba's standard GPT what the library costs beyond it.
 ``standard``, ``optimised``, ``efficient``, ``super``
     :class:`pba.models.GPT` with each attention variant.
 
 Every round runs ``--steps`` iterations of every contender (the order rotates each round, so drift
 and cache effects hit all alike), after ``--warmup`` untimed iterations each; the tables give the
-medians over ``--rounds`` rounds. The speed-up of pba over plain is reported both as the ratio of
-the medians and as the median of the per-round ratios.
+medians over ``--rounds`` rounds. The speed-up of pba over plain is reported as the ratio of the
+medians, as the median of the per-round ratios, and as the geometric mean of the per-round ratios
+with its 95 % interval (:func:`pba.benchmark.speedup_interval`); the layout and the library are
+judged the same way (``plain-apart`` against ``plain``, pba's standard against ``plain-apart``).
 
 Multiply-adds (MACs) per iteration count the forward pass: per layer the attention
 (:func:`pba.costs.macs`: projections, scores, weighted sum and super's ``W^A X``) and the MLP
@@ -53,7 +59,7 @@ from pba.models import GPT, GPTConfig
 from pba.train import AutogradEngine, LanguageModeling
 
 BATCH, BLOCK, VOCAB = 12, 64, 65
-CONTENDERS = ("plain", *pba.VARIANTS)
+CONTENDERS = ("plain", "plain-apart", *pba.VARIANTS)
 
 
 # ----------------------------------------------------------------------------------- baseline
@@ -66,19 +72,36 @@ class PlainAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.c_attn(x).split(x.shape[-1], dim=2)  # 3 x (B, T, C)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape  # (B, T, C)
-        q, k, v = self.c_attn(x).split(width, dim=2)  # 3 x (B, T, C)
+        q, k, v = self.qkv(x)  # 3 x (B, T, C)
         q, k, v = (t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, h, T, C/h)
         return self.c_proj(y.transpose(1, 2).reshape(batch, length, width))  # (B, T, C)
 
 
-class PlainBlock(nn.Module):
+class PlainAttentionApart(PlainAttention):
+    """The same attention with ``W^Q, W^K, W^V`` as three ``nn.Linear`` layers, as pba keeps them."""
+
     def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        del self.c_attn
+        self.q_attn, self.k_attn, self.v_attn = (
+            nn.Linear(config.n_embd, config.n_embd, bias=config.bias) for _ in range(3)
+        )
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.q_attn(x), self.k_attn(x), self.v_attn(x)  # 3 x (B, T, C)
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, config: GPTConfig, attention: type[PlainAttention]) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = PlainAttention(config)
+        self.attn = attention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
@@ -89,13 +112,16 @@ class PlainBlock(nn.Module):
 
 
 class PlainGPT(nn.Module):
-    """The standard-variant GPT written plainly: same shapes, init (nanoGPT's) and tied head."""
+    """The standard-variant GPT written plainly: same shapes, init (nanoGPT's) and tied head.
 
-    def __init__(self, config: GPTConfig) -> None:
+    ``attention``: :class:`PlainAttention` (nanoGPT's packed ``c_attn``) or :class:`PlainAttentionApart`.
+    """
+
+    def __init__(self, config: GPTConfig, attention: type[PlainAttention] = PlainAttention) -> None:
         super().__init__()
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
-        self.blocks = nn.ModuleList(PlainBlock(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(PlainBlock(config, attention) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight
@@ -132,9 +158,13 @@ class Trainer:
     ``n`` iterations."""
 
     def __init__(self, name: str, seed: int) -> None:
-        self.config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, variant="standard" if name == "plain" else name)
+        plain = name.startswith("plain")
+        self.config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, variant="standard" if plain else name)
         torch.manual_seed(seed)
-        self.model = PlainGPT(self.config) if name == "plain" else GPT(self.config)
+        if plain:
+            self.model: nn.Module = PlainGPT(self.config, PlainAttentionApart if name == "plain-apart" else PlainAttention)
+        else:
+            self.model = GPT(self.config)
         self.model.train()
         settings = ShakespeareSettings()
         generator = torch.Generator().manual_seed(seed)
@@ -155,11 +185,18 @@ class Trainer:
         return (time.perf_counter() - start) / n
 
 
-def check_same_function() -> float:
-    """Largest |logit| difference between PlainGPT and pba's standard GPT holding the same weights."""
+def check_same_function() -> tuple[float, float]:
+    """Largest |logit| difference from PlainGPT of pba's standard GPT and of the plain-apart model, all
+    holding the same weights."""
     config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK)
-    plain, ours = PlainGPT(config).eval(), GPT(config).eval()
+    plain, apart, ours = PlainGPT(config).eval(), PlainGPT(config, PlainAttentionApart).eval(), GPT(config).eval()
     with torch.no_grad():
+        for a, b in zip(plain.blocks, apart.blocks):
+            for i, proj in enumerate((b.attn.q_attn, b.attn.k_attn, b.attn.v_attn)):
+                rows = slice(i * config.n_embd, (i + 1) * config.n_embd)
+                proj.weight.copy_(a.attn.c_attn.weight[rows])
+                proj.bias.copy_(a.attn.c_attn.bias[rows])
+        apart.load_state_dict(plain.state_dict(), strict=False)  # everything but the three maps
         ours.tok_emb.weight.copy_(plain.tok_emb.weight)
         ours.pos_emb.weight.copy_(plain.pos_emb.weight)
         ours.ln_f.load_state_dict(plain.ln_f.state_dict())
@@ -174,7 +211,8 @@ def check_same_function() -> float:
                 proj.weight.copy_(a.attn.c_attn.weight[rows])
                 proj.bias.copy_(a.attn.c_attn.bias[rows])
         ids = torch.randint(0, VOCAB, (2, BLOCK))
-        return (plain(ids) - ours(ids)).abs().max().item()
+        reference = plain(ids)
+        return (ours(ids) - reference).abs().max().item(), (apart(ids) - reference).abs().max().item()
 
 
 def profile_difference(steps: int = 20, rows: int = 15) -> str:
@@ -225,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {args.threads}, batch {BATCH}, block {BLOCK}, vocab {VOCAB}, 4 layers, 4 heads, width 128; "
         f"{args.rounds} rounds x {args.steps} steps, {args.warmup} warm-up steps"
     )
-    difference = check_same_function()
-    print(f"plain and pba standard with the same weights: max |logit difference| {difference:.2e}")
+    difference, apart_difference = check_same_function()
+    print(f"pba standard and plain-apart against plain, the same weights: max |logit difference| "
+          f"{difference:.2e} and {apart_difference:.2e}")
 
     trainers = {name: Trainer(name, seed=0) for name in CONTENDERS}
     for trainer in trainers.values():
@@ -241,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     median = {name: statistics.median(t) for name, t in times.items()}
     paired = statistics.median(p / s for p, s in zip(times["plain"], times["standard"]))
     rows = []
-    print(f"\n{'contender':<10} {'params':>8} {'fwd MMAC':>9} {'iter GMAC':>10} {'ms/iter':>8} "
+    print(f"\n{'contender':<11} {'params':>8} {'fwd MMAC':>9} {'iter GMAC':>10} {'ms/iter':>8} "
           f"{'vs standard':>12} {'MAC ratio':>10} {'GMAC/s':>7}")
     base_macs = forward_macs(trainers["standard"].config, BATCH)
     for name in CONTENDERS:
@@ -261,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows.append(row)
         print(
-            f"{name:<10} {trainer.parameters:>8,} {fwd / 1e6:>9.1f} {3 * fwd / 1e9:>10.3f} {seconds * 1e3:>8.2f} "
+            f"{name:<11} {trainer.parameters:>8,} {fwd / 1e6:>9.1f} {3 * fwd / 1e9:>10.3f} {seconds * 1e3:>8.2f} "
             f"{row['time_ratio_to_standard']:>11.3f}x {row['mac_ratio_to_standard']:>9.3f}x "
             f"{row['gmacs_per_second']:>7.1f}"
         )
@@ -273,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"geometric mean of the {args.rounds} per-round ratios {geometric:.3f}, 95 % interval "
           f"{low:.3f} to {high:.3f}: {verdict}")
+    layout = speedup_interval(times["plain"], times["plain-apart"])  # what three maps cost plain code
+    library = speedup_interval(times["plain-apart"], times["standard"])  # what pba costs beyond that layout
+    for label, (g, lo, hi, v) in (("plain-apart vs plain (the layout)", layout),
+                                  ("pba standard vs plain-apart (the library)", library)):
+        print(f"{label}: speed-up {g:.3f}, 95 % interval {lo:.3f} to {hi:.3f}: {v}")
     if args.out:
         machine = environment("cpu")
         machine["threads"] = args.threads
@@ -287,11 +331,14 @@ def main(argv: list[str] | None = None) -> int:
                 "config": dataclasses.asdict(trainers["standard"].config),
             },
             "same_weights_max_logit_difference": difference,
+            "same_weights_max_logit_difference_apart": apart_difference,
             "speedup_standard_over_plain": speedup,
             "speedup_standard_over_plain_paired": paired,
             "speedup_geometric_mean": geometric,
             "speedup_interval_95": [low, high],
             "speedup_verdict": verdict,
+            "layout_speedup": dict(zip(("geometric_mean", "low", "high", "verdict"), layout)),
+            "library_speedup": dict(zip(("geometric_mean", "low", "high", "verdict"), library)),
             "rows": rows,
         }
         write_json_atomic(Path(args.out), payload)

@@ -62,6 +62,55 @@ def test_imdb_profile_script(imdb_dir: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--steps must be at least 1, got 0" in bad.stderr
 
 
+def test_gpt_speed_script(tmp_path: Path) -> None:
+    """The GPT benchmark behind chapter 10: every contender timed, the same function checked, each
+    paired interval around its estimate, and the diagnosis of layout and library both reported."""
+    out, profile = tmp_path / "gpt.json", tmp_path / "profile.txt"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpt_speed.py"), "--threads", "1", "--rounds", "2", "--steps", "1",
+         "--warmup", "0", "--out", str(out), "--profile-out", str(profile)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [row["contender"] for row in result["rows"]] == ["plain", "plain-apart", "standard", "optimised", "efficient", "super"]
+    # the three standard models compute one function: PlainGPT, its three-map twin and pba's GPT
+    assert result["same_weights_max_logit_difference"] < 1e-5
+    assert result["same_weights_max_logit_difference_apart"] < 1e-5
+    rows = {row["contender"]: row for row in result["rows"]}
+    assert rows["plain"]["parameters"] == rows["plain-apart"]["parameters"] == rows["standard"]["parameters"]
+    assert rows["efficient"]["parameters"] < rows["optimised"]["parameters"] < rows["standard"]["parameters"]
+    assert all(len(row["seconds_per_iteration"]) == 2 and min(row["seconds_per_iteration"]) > 0 for row in result["rows"])
+    low, high = result["speedup_interval_95"]
+    assert low <= result["speedup_geometric_mean"] <= high
+    for part in ("layout_speedup", "library_speedup"):
+        estimate = result[part]
+        assert estimate["low"] <= estimate["geometric_mean"] <= estimate["high"]
+        assert estimate["verdict"] in ("faster", "slower", "no detectable difference")
+    assert "parameter tensors (AdamW, clipping): plain 52, pba 68" in profile.read_text()
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpt_speed.py"), "--rounds", "1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--rounds must be at least 2, got 1" in bad.stderr
+
+
+def test_generate_speed_script(tmp_path: Path) -> None:
+    """The cache benchmark: cached and uncached samples agree (it stops otherwise), one row per variant."""
+    out = tmp_path / "generate.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "generate_speed.py"), "--rounds", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["variant"] for row in rows] == ["standard", "optimised", "efficient", "super"]
+    for row in rows:
+        assert row["tokens"] == 63 and len(row["cached_seconds"]) == len(row["uncached_seconds"]) == 2
+        assert row["cached_tokens_per_second"] > 0 and row["uncached_tokens_per_second"] > 0
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_speed.py"), "--threads", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--threads must be at least 1, got 0" in bad.stderr
+
+
 def test_imdb_floor_script(tmp_path: Path) -> None:
     out = tmp_path / "floor.json"
     done = subprocess.run(
