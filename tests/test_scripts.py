@@ -13,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def benchmark(script: str, *args: str, **options: object) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args`` in a fresh interpreter; its exit status and output."""
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=600, **options)  # type: ignore[call-overload]
+
+
+def assert_refuses(script: str, option: str, value: str, message: str) -> None:
+    """``script`` exits with status 2 and ``message`` when ``option`` is ``value``."""
+    bad = benchmark(script, option, value)
+    assert bad.returncode == 2 and message in bad.stderr, bad.stderr[-2000:]
+
+
 def test_gpu_check_smoke_on_cpu(imdb_dir: Path, shakespeare_dir: Path, mnist_dir: Path, tmp_path: Path) -> None:
     env = {
         **os.environ,
@@ -49,38 +61,32 @@ def test_gpu_check_smoke_on_cpu(imdb_dir: Path, shakespeare_dir: Path, mnist_dir
 
 def test_imdb_profile_script(imdb_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.txt"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "imdb_profile.py"), "--steps", "5", "--variant", "super",
-         "--data-dir", str(imdb_dir), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    done = benchmark("imdb_profile.py", "--steps", "5", "--variant", "super", "--data-dir", str(imdb_dir),
+                     "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     assert "ms per training step" in text and "aten::bmm" in text and "transposed:" in text
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_profile.py"), "--steps", "0"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--steps must be at least 1, got 0" in bad.stderr
+    assert_refuses("imdb_profile.py", "--steps", "0", "--steps must be at least 1, got 0")
 
 
 def test_gpt_speed_script(tmp_path: Path) -> None:
     """The GPT benchmark behind chapter 10: every contender timed, the same function checked, each
     paired interval around its estimate, and the diagnosis of layout and library both reported."""
     out, profile = tmp_path / "gpt.json", tmp_path / "profile.txt"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpt_speed.py"), "--threads", "1", "--rounds", "2", "--steps", "1",
-         "--warmup", "0", "--out", str(out), "--profile-out", str(profile)],
-        capture_output=True, text=True, timeout=600,
-    )
+    done = benchmark("gpt_speed.py", "--threads", "1", "--rounds", "2", "--steps", "1", "--warmup", "0",
+                     "--out", str(out), "--profile-out", str(profile))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert [row["contender"] for row in result["rows"]] == ["plain", "plain-apart", "standard", "optimised", "efficient", "super"]
+    contenders = ["plain", "plain-apart", "standard", "optimised", "efficient", "super"]
+    assert [row["contender"] for row in result["rows"]] == contenders
     # the three standard models compute one function: PlainGPT, its three-map twin and pba's GPT
     assert result["same_weights_max_logit_difference"] < 1e-5
     assert result["same_weights_max_logit_difference_apart"] < 1e-5
     rows = {row["contender"]: row for row in result["rows"]}
     assert rows["plain"]["parameters"] == rows["plain-apart"]["parameters"] == rows["standard"]["parameters"]
     assert rows["efficient"]["parameters"] < rows["optimised"]["parameters"] < rows["standard"]["parameters"]
-    assert all(len(row["seconds_per_iteration"]) == 2 and min(row["seconds_per_iteration"]) > 0 for row in result["rows"])
+    assert all(len(row["seconds_per_iteration"]) == 2 and min(row["seconds_per_iteration"]) > 0
+               for row in result["rows"])
     low, high = result["speedup_interval_95"]
     assert low <= result["speedup_geometric_mean"] <= high
     for part in ("layout_speedup", "library_speedup"):
@@ -88,36 +94,26 @@ def test_gpt_speed_script(tmp_path: Path) -> None:
         assert estimate["low"] <= estimate["geometric_mean"] <= estimate["high"]
         assert estimate["verdict"] in ("faster", "slower", "no detectable difference")
     assert "parameter tensors (AdamW, clipping): plain 52, pba 68" in profile.read_text()
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpt_speed.py"), "--rounds", "1"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--rounds must be at least 2, got 1" in bad.stderr
+    assert_refuses("gpt_speed.py", "--rounds", "1", "--rounds must be at least 2, got 1")
 
 
 def test_generate_speed_script(tmp_path: Path) -> None:
     """The cache benchmark: cached and uncached samples agree (it stops otherwise), one row per variant."""
     out = tmp_path / "generate.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "generate_speed.py"), "--rounds", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    done = benchmark("generate_speed.py", "--rounds", "2", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [row["variant"] for row in rows] == ["standard", "optimised", "efficient", "super"]
     for row in rows:
         assert row["tokens"] == 63 and len(row["cached_seconds"]) == len(row["uncached_seconds"]) == 2
         assert row["cached_tokens_per_second"] > 0 and row["uncached_tokens_per_second"] > 0
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate_speed.py"), "--threads", "0"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--threads must be at least 1, got 0" in bad.stderr
+    assert_refuses("generate_speed.py", "--threads", "0", "--threads must be at least 1, got 0")
 
 
 def test_imdb_floor_script(tmp_path: Path) -> None:
     out = tmp_path / "floor.json"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "imdb_floor.py"), "--rounds", "1", "--reps", "3",
-         "--variants", "efficient", "super", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    done = benchmark("imdb_floor.py", "--rounds", "1", "--reps", "3", "--variants", "efficient", "super",
+                     "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     assert list(result["variants"]) == ["efficient", "super"]
@@ -141,9 +137,7 @@ def test_imdb_floor_script(tmp_path: Path) -> None:
     if efficient["fused_step_ms"] is not None:  # pba.fused built here
         assert 0 < super_["fused_step_ms"] and "fused step / floor" in result["text"]
     assert result["text"] in done.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "imdb_floor.py"), "--reps", "0"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "--reps must be at least 1, got 0" in bad.stderr
+    assert_refuses("imdb_floor.py", "--reps", "0", "--reps must be at least 1, got 0")
 
 
 def run_manifest(*args: str) -> subprocess.CompletedProcess:
@@ -191,11 +185,8 @@ def test_imdb_grid_configs_script(tmp_path: Path) -> None:
     data = write_imdb_like(tmp_path / "imdb", n_train=200, n_test=100)
     out = tmp_path / "configs.txt"
     env = {**os.environ, "PBA_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "imdb_grid_configs.py"), "--protocol", "paper", "--variants", "efficient",
-         "--seeds", "2", "--configs", "2", "--data-dir", str(data), "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+    done = benchmark("imdb_grid_configs.py", "--protocol", "paper", "--variants", "efficient", "--seeds", "2",
+                     "--configs", "2", "--data-dir", str(data), "--out", str(out), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = out.read_text().splitlines()
     assert lines[0] == (f"command: python benchmarks/imdb_grid_configs.py --protocol paper --variants efficient --seeds 2 "
