@@ -63,17 +63,16 @@ CONTENDERS = ("plain", "plain-apart", *pba.VARIANTS)
 
 
 # ----------------------------------------------------------------------------------- baseline
-class PlainAttention(nn.Module):
-    """Causal multi-head self-attention as nanoGPT writes it (``c_attn`` holds Q, K and V)."""
+class PlainSelfAttention(nn.Module):
+    """Causal multi-head self-attention written plainly; a subclass says how it stores ``W^Q, W^K, W^V``."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)  # W^O
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.c_attn(x).split(x.shape[-1], dim=2)  # 3 x (B, T, C)
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape  # (B, T, C)
@@ -83,12 +82,22 @@ class PlainAttention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(batch, length, width))  # (B, T, C)
 
 
-class PlainAttentionApart(PlainAttention):
-    """The same attention with ``W^Q, W^K, W^V`` as three ``nn.Linear`` layers, as pba keeps them."""
+class PlainAttention(PlainSelfAttention):
+    """As nanoGPT writes it: one ``nn.Linear``, ``c_attn``, holds ``W^Q, W^K, W^V`` side by side."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
-        del self.c_attn
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.c_attn(x).split(x.shape[-1], dim=2)  # 3 x (B, T, C)
+
+
+class PlainAttentionApart(PlainSelfAttention):
+    """``W^Q, W^K, W^V`` as three ``nn.Linear`` layers, the layout pba keeps."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
         self.q_attn, self.k_attn, self.v_attn = (
             nn.Linear(config.n_embd, config.n_embd, bias=config.bias) for _ in range(3)
         )
@@ -97,8 +106,12 @@ class PlainAttentionApart(PlainAttention):
         return self.q_attn(x), self.k_attn(x), self.v_attn(x)  # 3 x (B, T, C)
 
 
+#: The plain contenders and their attention.
+PLAIN: dict[str, type[PlainSelfAttention]] = {"plain": PlainAttention, "plain-apart": PlainAttentionApart}
+
+
 class PlainBlock(nn.Module):
-    def __init__(self, config: GPTConfig, attention: type[PlainAttention]) -> None:
+    def __init__(self, config: GPTConfig, attention: type[PlainSelfAttention]) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = attention(config)
@@ -117,7 +130,7 @@ class PlainGPT(nn.Module):
     ``attention``: :class:`PlainAttention` (nanoGPT's packed ``c_attn``) or :class:`PlainAttentionApart`.
     """
 
-    def __init__(self, config: GPTConfig, attention: type[PlainAttention] = PlainAttention) -> None:
+    def __init__(self, config: GPTConfig, attention: type[PlainSelfAttention] = PlainAttention) -> None:
         super().__init__()
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
@@ -158,13 +171,9 @@ class Trainer:
     ``n`` iterations."""
 
     def __init__(self, name: str, seed: int) -> None:
-        plain = name.startswith("plain")
-        self.config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, variant="standard" if plain else name)
+        self.config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, variant="standard" if name in PLAIN else name)
         torch.manual_seed(seed)
-        if plain:
-            self.model: nn.Module = PlainGPT(self.config, PlainAttentionApart if name == "plain-apart" else PlainAttention)
-        else:
-            self.model = GPT(self.config)
+        self.model = PlainGPT(self.config, PLAIN[name]) if name in PLAIN else GPT(self.config)
         self.model.train()
         settings = ShakespeareSettings()
         generator = torch.Generator().manual_seed(seed)
@@ -187,61 +196,83 @@ class Trainer:
 
 def check_same_function() -> tuple[float, float]:
     """Largest |logit| difference from PlainGPT of pba's standard GPT and of the plain-apart model, all
-    holding the same weights."""
+    holding the same weights: PlainGPT's, every one first redrawn (biases and LayerNorms too, so that a
+    weight left uncopied shows)."""
     config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK)
     plain, apart, ours = PlainGPT(config).eval(), PlainGPT(config, PlainAttentionApart).eval(), GPT(config).eval()
+    width = config.n_embd
     with torch.no_grad():
-        for a, b in zip(plain.blocks, apart.blocks):
-            for i, proj in enumerate((b.attn.q_attn, b.attn.k_attn, b.attn.v_attn)):
-                rows = slice(i * config.n_embd, (i + 1) * config.n_embd)
-                proj.weight.copy_(a.attn.c_attn.weight[rows])
-                proj.bias.copy_(a.attn.c_attn.bias[rows])
-        apart.load_state_dict(plain.state_dict(), strict=False)  # everything but the three maps
-        ours.tok_emb.weight.copy_(plain.tok_emb.weight)
+        for parameter in plain.parameters():
+            parameter.normal_(0.0, 0.1)
+        apart_maps = {f"blocks.{i}.attn.{m}_attn.{p}" for i in range(config.n_layer) for m in "qkv" for p in ("weight", "bias")}
+        packed = {f"blocks.{i}.attn.c_attn.{p}" for i in range(config.n_layer) for p in ("weight", "bias")}
+        keys = apart.load_state_dict(plain.state_dict(), strict=False)  # all but W^Q, W^K, W^V: copied below
+        if set(keys.missing_keys) != apart_maps or set(keys.unexpected_keys) != packed:
+            raise RuntimeError(f"plain-apart's parameters moved: missing {keys.missing_keys}, unexpected {keys.unexpected_keys}")
+        ours.tok_emb.weight.copy_(plain.tok_emb.weight)  # the head too: tied
         ours.pos_emb.weight.copy_(plain.pos_emb.weight)
         ours.ln_f.load_state_dict(plain.ln_f.state_dict())
-        for a, b in zip(plain.blocks, ours.blocks):
+        for a, apart_block, b in zip(plain.blocks, apart.blocks, ours.blocks):
             b.ln_1.load_state_dict(a.ln_1.state_dict())
             b.ln_2.load_state_dict(a.ln_2.state_dict())
             b.mlp.c_fc.load_state_dict(a.c_fc.state_dict())
             b.mlp.c_proj.load_state_dict(a.c_proj.state_dict())
             b.attn.out_proj.load_state_dict(a.attn.c_proj.state_dict())
-            for i, proj in enumerate((b.attn.q_proj, b.attn.k_proj, b.attn.v_proj)):
-                rows = slice(i * config.n_embd, (i + 1) * config.n_embd)
-                proj.weight.copy_(a.attn.c_attn.weight[rows])
-                proj.bias.copy_(a.attn.c_attn.bias[rows])
+            separate = (apart_block.attn.q_attn, apart_block.attn.k_attn, apart_block.attn.v_attn)
+            for i, (theirs, mine) in enumerate(zip(separate, (b.attn.q_proj, b.attn.k_proj, b.attn.v_proj))):
+                rows = slice(i * width, (i + 1) * width)  # c_attn's rows of W^Q, W^K, W^V in turn
+                for proj in (theirs, mine):
+                    proj.weight.copy_(a.attn.c_attn.weight[rows])
+                    proj.bias.copy_(a.attn.c_attn.bias[rows])
+        copied = sum(p.numel() for p in ours.parameters())
+        if copied != sum(p.numel() for p in plain.parameters()):
+            raise RuntimeError("pba's GPT and PlainGPT no longer have the same number of weights")
         ids = torch.randint(0, VOCAB, (2, BLOCK))
         reference = plain(ids)
         return (ours(ids) - reference).abs().max().item(), (apart(ids) - reference).abs().max().item()
 
 
 def profile_difference(steps: int = 20, rows: int = 15) -> str:
-    """Where the plain model and pba's standard GPT differ, operator by operator (``torch.profiler``).
+    """Where the three standard models differ, operator by operator (``torch.profiler``).
 
-    Both run ``steps`` training iterations after a short warm-up; the table lists the operators
-    whose self CPU time differs most (microseconds per iteration, calls per iteration), and the
-    totals, with the number of parameter tensors each model hands to AdamW and clipping.
+    ``plain``, ``plain-apart`` and pba's standard GPT each run ``steps`` training iterations after a
+    short warm-up, one after another (not paired, so operators that all three call equally often
+    differ by noise). The table lists the operators whose self CPU time differs most between
+    neighbours (microseconds and calls per iteration): ``apart - plain`` is the layout, ``pba - apart``
+    the library. Then the totals, and the parameter tensors each model hands to AdamW and clipping.
     """
     from torch.profiler import ProfilerActivity, profile
 
+    names = ("plain", "plain-apart", "standard")
     measured, tensors = {}, {}
-    for name in ("plain", "standard"):
+    for name in names:
         trainer = Trainer(name, seed=0)
         trainer.steps(5)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.steps(steps)
         measured[name] = {e.key: (e.self_cpu_time_total / steps, e.count / steps) for e in prof.key_averages()}
         tensors[name] = sum(1 for _ in trainer.model.parameters())
-    keys = sorted(set(measured["plain"]) | set(measured["standard"]),
-                  key=lambda k: -abs(measured["standard"].get(k, (0, 0))[0] - measured["plain"].get(k, (0, 0))[0]))
-    lines = [f"{'operator':<48} {'plain us':>9} {'calls':>6} {'pba us':>9} {'calls':>6} {'pba - plain':>11}"]
+
+    def cell(name: str, key: str) -> tuple[float, float]:
+        return measured[name].get(key, (0.0, 0.0))
+
+    def gaps(key: str) -> tuple[float, float]:
+        plain, apart, ours = (cell(n, key)[0] for n in names)
+        return apart - plain, ours - apart
+
+    keys = sorted(set().union(*measured.values()), key=lambda k: -max(abs(g) for g in gaps(k)))
+    lines = [f"{'operator':<60} {'plain us':>9} {'calls':>6} {'apart us':>9} {'calls':>6} {'pba us':>9} {'calls':>6} "
+             f"{'apart - plain':>13} {'pba - apart':>11}"]
     for key in keys[:rows]:
-        (a, na), (b, nb) = measured["plain"].get(key, (0.0, 0.0)), measured["standard"].get(key, (0.0, 0.0))
-        lines.append(f"{key[:48]:<48} {a:>9.1f} {na:>6.1f} {b:>9.1f} {nb:>6.1f} {b - a:>+11.1f}")
-    totals = {n: (sum(t for t, _ in m.values()), sum(c for _, c in m.values())) for n, m in measured.items()}
-    lines.append(f"{'all operators (self time, calls per iteration)':<48} {totals['plain'][0]:>9.1f} {totals['plain'][1]:>6.0f} "
-                 f"{totals['standard'][0]:>9.1f} {totals['standard'][1]:>6.0f} {totals['standard'][0] - totals['plain'][0]:>+11.1f}")
-    lines.append(f"parameter tensors (AdamW, clipping): plain {tensors['plain']}, pba {tensors['standard']}")
+        values = " ".join(f"{t:>9.1f} {c:>6.1f}" for t, c in (cell(n, key) for n in names))
+        layout, library = gaps(key)
+        lines.append(f"{key[:60]:<60} {values} {layout:>+13.1f} {library:>+11.1f}")
+    totals = [(sum(t for t, _ in measured[n].values()), sum(c for _, c in measured[n].values())) for n in names]
+    values = " ".join(f"{t:>9.1f} {c:>6.0f}" for t, c in totals)
+    lines.append(f"{'all operators (self time, calls per iteration)':<60} {values} "
+                 f"{totals[1][0] - totals[0][0]:>+13.1f} {totals[2][0] - totals[1][0]:>+11.1f}")
+    lines.append(f"parameter tensors (AdamW, clipping): plain {tensors['plain']}, plain-apart {tensors['plain-apart']}, "
+                 f"pba {tensors['standard']}")
     return "\n".join(lines)
 
 
@@ -253,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="iterations per contender per round (default 20)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations per contender first (default 5)")
     parser.add_argument("--out", help="also write the results as JSON, e.g. results/bench-gpt-speed.json")
-    parser.add_argument("--profile-out", help="also profile plain against pba's standard GPT, e.g. results/profile-gpt-step.txt")
+    parser.add_argument("--profile-out",
+                        help="also profile plain, plain-apart and pba's standard GPT, e.g. results/profile-gpt-step.txt")
     args = parser.parse_args(argv)
     require_at_least(parser, args, {"threads": 1, "rounds": 2, "steps": 1, "warmup": 0})  # two rounds for an interval
     torch.set_num_threads(args.threads)

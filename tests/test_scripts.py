@@ -1,4 +1,4 @@
-"""The prepared GPU script, shrunk and run on CPU: its flags and outputs, before any GPU time is spent."""
+"""The prepared GPU script and the benchmark scripts, shrunk and run on CPU: their flags and outputs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from pba.benchmark import speedup_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,13 +89,18 @@ def test_gpt_speed_script(tmp_path: Path) -> None:
     assert rows["efficient"]["parameters"] < rows["optimised"]["parameters"] < rows["standard"]["parameters"]
     assert all(len(row["seconds_per_iteration"]) == 2 and min(row["seconds_per_iteration"]) > 0
                for row in result["rows"])
-    low, high = result["speedup_interval_95"]
-    assert low <= result["speedup_geometric_mean"] <= high
-    for part in ("layout_speedup", "library_speedup"):
-        estimate = result[part]
-        assert estimate["low"] <= estimate["geometric_mean"] <= estimate["high"]
-        assert estimate["verdict"] in ("faster", "slower", "no detectable difference")
-    assert "parameter tensors (AdamW, clipping): plain 52, pba 68" in profile.read_text()
+    # each interval is the one of its own pair of contenders, recomputed from the stored times
+    times = {name: row["seconds_per_iteration"] for name, row in rows.items()}
+    pairs = {"layout_speedup": ("plain", "plain-apart"), "library_speedup": ("plain-apart", "standard")}
+    for part, (baseline, ours) in pairs.items():
+        estimate, low, high, verdict = speedup_interval(times[baseline], times[ours])
+        assert result[part] == {"geometric_mean": estimate, "low": low, "high": high, "verdict": verdict}
+    assert (result["speedup_geometric_mean"], *result["speedup_interval_95"], result["speedup_verdict"]) == \
+        speedup_interval(times["plain"], times["standard"])
+    # plain -> plain-apart -> pba: the two steps multiply to the whole way
+    layout, library = result["layout_speedup"]["geometric_mean"], result["library_speedup"]["geometric_mean"]
+    assert layout * library == pytest.approx(result["speedup_geometric_mean"], rel=1e-9)
+    assert "parameter tensors (AdamW, clipping): plain 52, plain-apart 68, pba 68" in profile.read_text()
     assert_refuses("gpt_speed.py", "--rounds", "1", "--rounds must be at least 2, got 1")
 
 
