@@ -32,10 +32,15 @@ from pba.models import generate
 VOCAB = 65
 
 
-def timed(model: pba.models.GPT, tokens: int, use_cache: bool) -> float:
+def sample(model: pba.models.GPT, tokens: int, use_cache: bool) -> torch.Tensor:
+    """``tokens`` characters after a one-character prompt, from a fixed seed."""
     prompt = torch.zeros(1, 1, dtype=torch.int64)
+    return generate(model, prompt, tokens, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+
+
+def timed(model: pba.models.GPT, tokens: int, use_cache: bool) -> float:
     start = time.perf_counter()
-    generate(model, prompt, tokens, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
+    sample(model, tokens, use_cache)
     return time.perf_counter() - start
 
 
@@ -56,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     for variant in pba.VARIANTS:
         torch.manual_seed(0)
         models[variant] = settings.model(variant, VOCAB).eval()
-        prompt = torch.zeros(1, 1, dtype=torch.int64)
-        same = [generate(models[variant], prompt, tokens, generator=torch.Generator().manual_seed(0), use_cache=c) for c in (True, False)]
-        if not torch.equal(*same):
+        if not torch.equal(sample(models[variant], tokens, True), sample(models[variant], tokens, False)):
             raise SystemExit(f"{variant}: the cached and uncached samples differ")
         timed(models[variant], tokens, True), timed(models[variant], tokens, False)  # warm-up
     times = {(v, c): [] for v in pba.VARIANTS for c in (True, False)}
     for r in range(args.rounds):
-        order = pba.VARIANTS[r % 4 :] + pba.VARIANTS[: r % 4]
+        turn = r % len(pba.VARIANTS)
+        order = pba.VARIANTS[turn:] + pba.VARIANTS[:turn]
         for variant in order:
             for cache in (True, False) if r % 2 else (False, True):
                 times[variant, cache].append(timed(models[variant], tokens, cache))

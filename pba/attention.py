@@ -400,13 +400,14 @@ class StandardAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         # The newest token alone reads every position so far (no mask); n new tokens are the last n
         # positions of the keys' sequence (for a prompt, start == 0, the square mask the kernel takes as a flag).
-        allowed = None if n == 1 else _score_masks(None, None, True, n, start + n, q.device)[0]
-        if not self.fused:
-            heads, _ = self._explicit_heads(q, keys, values, allowed, None, dropout_p)
-        elif allowed is None or start == 0:
-            heads = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, is_causal=allowed is not None)
+        if self.fused and (n == 1 or start == 0):
+            heads = F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p, is_causal=n > 1)
         else:
-            heads = self._fused_heads(q, keys, values, allowed, None, dropout_p)
+            allowed = None if n == 1 else _score_masks(None, None, True, n, start + n, q.device)[0]
+            if self.fused:
+                heads = self._fused_heads(q, keys, values, allowed, None, dropout_p)
+            else:
+                heads, _ = self._explicit_heads(q, keys, values, allowed, None, dropout_p)
         cache.keys, cache.values, cache.layer = keys, values, type(self).__name__  # only now: a failed call changes nothing
         return self.out_proj(merge_heads(heads))  # (B, n, d_model)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .._checks import check_positive_int
 from ..attention import VARIANTS
 from ..files import write_json_atomic
 from ..train import RunResult, fit, pick_device, seed_everything
@@ -218,8 +219,7 @@ def run_grid(
         _check_variant(variant)
     if not seeds:
         raise ValueError("seeds must name at least one seed, got none")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_positive_int("workers", workers)
     resolved = pick_device(device)
     config = dataclasses.asdict(settings)  # type: ignore[call-overload]
     payload: dict = {"experiment": experiment.name, "command": command, "settings": config, "runs": []}

@@ -13,12 +13,12 @@ distribution, and the other variants differ only in the lines the paper changes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, fields_of
 from ..attention import VARIANTS, KVCache, SuperAttention, make_attention
 
 #: Whether a tensor is a ``torch.func.vmap`` wrapper (functorch's own test; absent: never). The id
@@ -81,7 +81,7 @@ class GPTArchitecture:
 
     def architecture(self) -> dict[str, object]:
         """This object's :class:`GPTArchitecture` fields (also of a subclass), by name."""
-        return {f.name: getattr(self, f.name) for f in fields(GPTArchitecture)}
+        return fields_of(GPTArchitecture, self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,6 +282,10 @@ class GPT(nn.Module):
                 f"the sequence would reach {start + length} positions, more than block_size="
                 f"{self.config.block_size}; decode the last block_size ids into fresh caches instead"
             )
+        return self._decode(ids, caches, start)
+
+    def _decode(self, ids: Tensor, caches: list[KVCache], start: int) -> Tensor:
+        """:meth:`decode` without its checks, for callers that have made them (:func:`generate`)."""
         saved = [(cache.keys, cache.values, cache.layer) for cache in caches]
         try:
             x = self._embed(ids, start)  # (B, n, C)
@@ -340,11 +344,12 @@ def generate(
         caches = None
         for _ in range(max_new_tokens):
             if use_cache and idx.shape[1] <= block_size:
+                # idx was checked above and every sampled id lies in [0, V): decode's checks would only repeat
                 if caches is None:  # the prompt, once
                     caches = model.new_caches()
-                    logits = model.decode(idx, caches)[:, -1, :]  # (B, V)
+                    logits = model._decode(idx, caches, start=0)[:, -1, :]  # (B, V)
                 else:  # only the newest token
-                    logits = model.decode(idx[:, -1:], caches)[:, -1, :]
+                    logits = model._decode(idx[:, -1:], caches, start=idx.shape[1] - 1)[:, -1, :]
             else:
                 logits = model(idx[:, -block_size:])[:, -1, :]  # (B, V)
             logits = logits / temperature

@@ -10,14 +10,14 @@ for super attention, whose ``W^A`` is an ``n_tokens x n_tokens`` matrix over the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, fields_of
 from ..attention import VARIANTS, StandardAttention, make_attention
 
 __all__ = ["POOLINGS", "ViTArchitecture", "ViTConfig", "ViTBlock", "ViT", "patchify", "unpatchify"]
@@ -26,8 +26,7 @@ POOLINGS: tuple[str, ...] = ("mean", "cls")
 
 
 def _check_patch(patch: object, height: int, width: int) -> int:
-    if isinstance(patch, bool) or not isinstance(patch, int) or patch <= 0:
-        raise ValueError(f"patch must be a positive int, got {patch!r}")
+    check_positive_int("patch", patch)
     if height % patch or width % patch:
         raise ValueError(f"patch must divide the image size {height}x{width}, got patch={patch}")
     return patch
@@ -118,7 +117,7 @@ class ViTArchitecture:
 
     def architecture(self) -> dict[str, Any]:
         """This object's :class:`ViTArchitecture` fields (also of a subclass), by name."""
-        return {f.name: getattr(self, f.name) for f in fields(ViTArchitecture)}
+        return fields_of(ViTArchitecture, self)
 
 
 @dataclass(frozen=True, kw_only=True)
